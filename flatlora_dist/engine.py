@@ -1,0 +1,235 @@
+"""`FlatLoRA`: finds the LoRA layers, picks a backend and a mode for each, perturbs and restores.
+
+One optimizer step::
+
+    with flat.perturbed(step):          # norms (one all-reduce), then noise into every target
+        for batch in window:            # every micro-batch and any recomputation sees the same noise
+            model(**batch).loss.backward()
+    optimizer.step()                    # base weights are bitwise the loaded ones again
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import functional
+from .config import FlatLoRAConfig
+from .inplace import Fixups, NoiseKey, perturb_region, restore_region
+from .norms import reduction_group, row_norms
+from .schedule import noise_factor
+from .shards import ShardBackend, backend_kind, make_backend
+from .targets import LoraTarget, find_targets
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Active:
+    """What one perturbation left behind for its restore: O(sum of out_features) plus fix-ups."""
+
+    step: int
+    factor: float
+    keys: dict[int, NoiseKey] = field(default_factory=dict)
+    fixups: dict[int, Fixups] = field(default_factory=dict)
+    skipped: bool = False
+
+
+class FlatLoRA:
+    """Flat-LoRA for a PEFT model, plain or wrapped by DDP / DeepSpeed / FSDP.
+
+    Every rank must call ``perturb``/``restore`` at the same points with the same step (the norm
+    reduction is collective).  Between the two, the frozen base weights carry the noise; outside, they
+    are bitwise the loaded weights.
+    """
+
+    def __init__(self, model: nn.Module, config: FlatLoRAConfig | None = None) -> None:
+        self.config = config if config is not None else FlatLoRAConfig()
+        self.config.validate()
+        self.model = model
+        self.targets: list[LoraTarget] = find_targets(model)
+        self._backends: dict[str, ShardBackend] = {}
+        self._backend_of: dict[int, ShardBackend] = {}
+        self._functional: dict[int, bool] = {}
+        for t in self.targets:
+            kind = backend_kind(t)
+            if kind not in self._backends:
+                self._backends[kind] = make_backend(kind, model)
+            self._backend_of[id(t)] = self._backends[kind]
+            self._functional[id(t)] = self._pick_functional(t)
+        for backend in self._backends.values():
+            backend.check([t for t in self.targets if self._backend_of[id(t)] is backend])
+        self._group = reduction_group(self._backends, set(self._backends))
+        total_out = sum(t.layout.out_features for t in self.targets)
+        self._norms = torch.zeros(total_out, dtype=torch.float32, device=self._comm_device())
+        self._in_features = torch.cat(
+            [torch.full((t.layout.out_features,), float(t.layout.in_features)) for t in self.targets]
+        ).to(self._norms.device)
+        self._active: _Active | None = None
+        self._last_step: int | None = None
+        self._stats: dict[str, Any] = {}
+        self._allreduces = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _pick_functional(self, t: LoraTarget) -> bool:
+        mode = self.config.mode
+        if mode == "inplace" and t.quantized:
+            raise ValueError(
+                f"layer {t.name!r} has a quantized base weight, which cannot take noise in place; "
+                "use FlatLoRAConfig(mode='auto') or mode='functional'"
+            )
+        return mode == "functional" or (mode == "auto" and t.quantized)
+
+    def _comm_device(self) -> torch.device:
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        a = self.targets[0].local_factors()
+        return a[0][0].device if a else torch.device("cpu")
+
+    # ------------------------------------------------------------------ the two halves
+    @property
+    def is_perturbed(self) -> bool:
+        return self._active is not None
+
+    @torch.no_grad()
+    def perturb(self, step: int) -> None:
+        """Add step ``step``'s noise to every target (collective over the shard group)."""
+        if self._active is not None:
+            raise RuntimeError(
+                f"FlatLoRA.perturb({step}) called while still perturbed for step {self._active.step}; "
+                "call restore() first"
+            )
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        cfg = self.config
+        if cfg.total_steps is None:
+            raise ValueError("FlatLoRAConfig.total_steps is not set: give the number of optimizer steps")
+        factor = noise_factor(step, cfg.total_steps, cfg.schedule)
+        active = _Active(step, factor)
+        amp = factor * cfg.sigma
+        self._stats = {"factor": factor, "sigma": cfg.sigma, "mean_row_std": 0.0, "max_row_std": 0.0}
+        if amp > 0:
+            std = self._row_std(amp)
+            if std is None:
+                active.skipped = True
+            else:
+                self._apply(active, std)
+        self._active = active
+        self._last_step = step
+
+    def _row_std(self, amp: float) -> torch.Tensor | None:
+        """Per-row std ``amp/sqrt(n)·||W_i + s(BA)_i||`` for all targets, or ``None`` if non-finite."""
+        norms, calls = row_norms(self.targets, self._backend_of, self._norms, self._group)
+        self._allreduces += calls
+        if not bool(torch.isfinite(norms).all()):
+            msg = "non-finite row norm of W + s*B*A"
+            if not self.config.skip_nonfinite:
+                raise FloatingPointError(msg)
+            warnings.warn(f"Flat-LoRA: {msg}; this step runs without perturbation", RuntimeWarning, stacklevel=3)
+            self._stats["skipped"] = 1
+            return None
+        std = norms.mul_(amp).div_(self._in_features.sqrt())
+        self._stats.update(mean_row_std=float(std.mean()), max_row_std=float(std.max()))
+        return std
+
+    def _apply(self, active: _Active, std: torch.Tensor) -> None:
+        cfg = self.config
+        try:
+            for t in self.targets:
+                m = t.layout.out_features
+                key = NoiseKey(cfg.seed, active.step, t.name, t.layout, std[t.offset : t.offset + m])
+                backend = self._backend_of[id(t)]
+                active.keys[id(t)] = key
+                if self._functional[id(t)]:
+                    functional.install(backend, t, key)
+                    continue
+                fix = Fixups.merge([perturb_region(r, key) for r in backend.regions(t)])
+                backend.after_write(t)
+                if fix is not None:
+                    active.fixups[id(t)] = fix
+        except BaseException:
+            self._undo(active)
+            raise
+        fix = active.fixups.values()
+        self._stats.update(fixups=sum(f.count for f in fix), fixup_bytes=sum(f.nbytes for f in fix))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Remove the noise; every base weight is bitwise what it was before ``perturb``."""
+        if self._active is None:
+            raise RuntimeError("FlatLoRA.restore() called without a matching perturb()")
+        active, self._active = self._active, None
+        self._undo(active)
+
+    def _undo(self, active: _Active) -> None:
+        for t in self.targets:
+            key = active.keys.get(id(t))
+            if key is None:
+                continue
+            backend = self._backend_of[id(t)]
+            if self._functional[id(t)]:
+                functional.uninstall(t)
+                continue
+            fix = active.fixups.get(id(t))
+            for r in backend.regions(t):
+                restore_region(r, key, fix)
+            backend.after_write(t)
+
+    @contextmanager
+    def perturbed(self, step: int) -> Iterator[FlatLoRA]:
+        """Perturb for ``step`` on entry, restore on exit (also when the body raises)."""
+        self.perturb(step)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    # ------------------------------------------------------------------ reporting and resume
+    def stats(self) -> dict[str, Any]:
+        """Numbers for logs, about the last perturbation.
+
+        ``fixups`` (elements whose round trip needed a patch) and ``state_bytes`` (norm buffers plus
+        fix-ups: the engine's persistent memory) are this rank's; the rest are the same on every rank.
+        """
+        state_bytes = self._norms.numel() * 4 + self._in_features.numel() * 4 + self._stats.get("fixup_bytes", 0)
+        return {
+            "factor": 0.0,
+            "sigma": self.config.sigma,
+            "mean_row_std": 0.0,
+            "max_row_std": 0.0,
+            "fixups": 0,
+            "fixup_bytes": 0,
+            **self._stats,
+            "step": self._last_step,
+            "layers": len(self.targets),
+            "elements": sum(t.layout.numel for t in self.targets),
+            "state_bytes": state_bytes,
+            "norm_allreduces": self._allreduces,
+            "backends": ",".join(sorted(self._backends)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the config (seed and schedule) and the last step perturbed.
+
+        The noise is a pure function of (seed, step, name, index), so nothing else is required.
+        """
+        return {"version": STATE_VERSION, "config": self.config.to_dict(), "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt a saved state; the saved seed, sigma and schedule win over the current config."""
+        if self._active is not None:
+            raise RuntimeError("cannot load a FlatLoRA state while perturbed; call restore() first")
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "config" not in state:
+            raise ValueError(f"not a FlatLoRA state dict (version {STATE_VERSION}): {state!r:.200}")
+        saved = FlatLoRAConfig.from_dict(state["config"])
+        self.config = replace(saved, total_steps=saved.total_steps or self.config.total_steps)
+        self._last_step = state.get("last_step")
+
+
