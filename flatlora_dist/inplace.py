@@ -68,7 +68,7 @@ class Fixups:
             return None
         if len(parts) == 1:
             return parts[0]
-        idx = torch.cat([p.index.cpu() for p in parts])
+        idx = torch.cat([p.index.cpu().long() for p in parts])
         val = torch.cat([p.values.cpu() for p in parts])
         uniq, first = _first_occurrence(idx)
         dev = parts[0].index.device
@@ -106,7 +106,10 @@ def perturb_region(region: Region, key: NoiseKey) -> Fixups | None:
         w.copy_(new)
     if not bad_idx:
         return None
-    return Fixups(torch.cat(bad_idx), torch.cat(bad_val))
+    index = torch.cat(bad_idx)
+    if key.layout.numel < 2**31:  # halves the fix-up index memory for every realistic layer
+        index = index.to(torch.int32)
+    return Fixups(index, torch.cat(bad_val))
 
 
 def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None) -> None:
@@ -121,4 +124,4 @@ def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None) -> None
         w.copy_((w.to(cd) - e.to(cd)).to(t.dtype))
     if fixups is not None:
         inside = (fixups.index >= region.start) & (fixups.index < region.stop)
-        t[fixups.index[inside] - region.start] = fixups.values[inside].to(t.device)
+        t[fixups.index[inside].long() - region.start] = fixups.values[inside].to(t.device)
