@@ -1,0 +1,104 @@
+"""What a run leaves behind for people: base-weight fingerprints, summary.json, curves.png."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _local_storage(p: torch.Tensor) -> torch.Tensor:
+    """This rank's stored elements of a parameter, padding excluded (ZeRO-3, FSDP2 or whole)."""
+    ds = getattr(p, "ds_tensor", None)
+    if ds is not None:
+        part = ds.numel()
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if _dist_on() else 0
+        valid = max(0, min(part, p.ds_numel - rank * part))
+        return ds.view(-1)[:valid]
+    data = p.data
+    if type(data).__name__ == "DTensor":
+        data = data.to_local()
+    return data.reshape(-1)
+
+
+def frozen_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the bytes of every frozen parameter this rank stores, combined over ranks in order.
+
+    Collective under torch.distributed.  Equal before and after training iff no rank's stored base
+    weights changed by a single bit.  (The value depends on the world size and sharding, since each
+    rank hashes its own shard; compare fingerprints within a run.)
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        t = _local_storage(p).detach().contiguous()
+        h.update(name.encode())
+        h.update(t.cpu().view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    if not _dist_on() or dist.get_world_size() == 1:
+        return digest
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, digest)
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, else the resident-set high-water mark."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gather_per_rank(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a one-element list without torch.distributed)."""
+    if not _dist_on():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_curves(log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Train loss and eval loss against optimizer step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

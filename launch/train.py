@@ -1,0 +1,18 @@
+"""Entry point for every launcher: deepspeed, torchrun, accelerate launch, or plain python.
+
+    deepspeed launch/train.py --ds_config ds_configs/zero3.json
+    torchrun --nproc_per_node 2 launch/train.py --fsdp fsdp2 --model tiny
+    python launch/train.py --model tiny --max_steps 20
+
+The application lives in ``flatlora_dist.train``; this file only makes it runnable from a checkout.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flatlora_dist.train.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
