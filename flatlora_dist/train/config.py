@@ -36,11 +36,11 @@ class TrainConfig:
     train_limit: int | None = field(
         default=None, metadata={"help": "use at most this many training examples"}
     )
-    eval_limit: int | None = field(default=64, metadata={"help": "held-out examples for loss"})
+    eval_limit: int | None = field(default=32, metadata={"help": "held-out examples for loss"})
     eval_generate_limit: int = field(
-        default=32, metadata={"help": "held-out examples for accuracy (0: skip)"}
+        default=8, metadata={"help": "held-out examples for accuracy (0: skip)"}
     )
-    max_new_tokens: int = field(default=96, metadata={"help": "generation budget for math accuracy"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation budget for math accuracy"})
     # Flat-LoRA
     sigma: float = field(default=0.05, metadata={"help": "noise strength; 0 = plain LoRA"})
     flat_schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'constant'"})
@@ -66,7 +66,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
     max_steps: int = field(
-        default=-1, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0)"}
+        default=30, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0)"}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps <= 0"})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "micro-batch per rank"})
