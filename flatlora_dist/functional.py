@@ -64,7 +64,10 @@ def install(backend: ShardBackend, target: LoraTarget, key: NoiseKey) -> None:
         return noisy_weight(backend, target, key, dtype)
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return _NoisyLinear.apply(x, getattr(base, "bias", None), make)
+        cd = getattr(base, "compute_dtype", None)  # bnb Linear4bit: matmul in compute dtype, output in x's
+        if not isinstance(cd, torch.dtype) or cd == x.dtype:
+            return _NoisyLinear.apply(x, getattr(base, "bias", None), make)
+        return _NoisyLinear.apply(x.to(cd), getattr(base, "bias", None), make).to(x.dtype)
 
     base.forward = forward
 
