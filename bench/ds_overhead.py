@@ -1,0 +1,134 @@
+"""Flat-LoRA overhead under 2-rank DeepSpeed ZeRO-3 on CPU (gloo): step-time ratio and per-rank memory.
+
+    .venv/bin/python bench/ds_overhead.py [--world 2] [--pairs 12] [--hidden 256] [--layers 4]
+
+Flat-LoRA (sigma 0.05, constant factor) and plain LoRA (the same engine with a sigma-0 FlatLoRA,
+which does nothing) alternate step by step in one run (ABBA order, so drift cancels); a step is
+perturb + forward + backward + restore + ``engine.step()``, timed on every rank after a barrier.
+Prints median step times, their ratio, the perturb/restore share, and per rank ``state_bytes`` (the
+engine's persistent memory: norm buffers + fix-ups) against this rank's partitions of the base weights
+and the noise elements each rank draws (whole noise blocks: layers below ``NOISE_BLOCK`` elements
+are drawn whole by every rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+
+from ds_common import launch, load_ds_config, tiny_model  # noqa: E402
+
+
+def worker(args: dict, out_dir: Path) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from flatlora_dist import FlatLoRA, FlatLoRAConfig
+    from flatlora_dist.noise import NOISE_BLOCK
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_model(torch.float32, hidden=args["hidden"], inter=2 * args["hidden"], layers=args["layers"], r=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    cfg = load_ds_config("zero3", world=world, micro=args["micro"], hidden=args["hidden"], persistence=0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    flat = FlatLoRA(engine, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
+    plain = FlatLoRA(engine, FlatLoRAConfig(sigma=0.0, total_steps=1000))
+    gen = torch.Generator().manual_seed(rank)
+    times: dict[str, list[float]] = {"flat": [], "plain": [], "perturb": [], "restore": []}
+
+    def step(f: FlatLoRA, i: int, record: bool) -> None:
+        x = torch.randint(0, 128, (args["micro"], args["seq"]), generator=gen)
+        dist.barrier()
+        t0 = time.perf_counter()
+        f.perturb(i)
+        t1 = time.perf_counter()
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        t2 = time.perf_counter()
+        f.restore()
+        t3 = time.perf_counter()
+        engine.step()
+        t4 = time.perf_counter()
+        if record:
+            times["flat" if f is flat else "plain"].append(t4 - t0)
+            if f is flat:
+                times["perturb"].append(t1 - t0)
+                times["restore"].append(t3 - t2)
+
+    for i in range(3):
+        step(flat, i, False)
+        step(plain, i, False)
+    order = [flat, plain, plain, flat]
+    for i in range(4 * args["pairs"] // 2):
+        step(order[i % 4], 10 + i, True)
+    part = [t.weight.ds_tensor for t in flat.targets]
+    drawn = sum(_drawn(t.weight, NOISE_BLOCK) for t in flat.targets)
+    res = {
+        "rank": rank,
+        "median_flat_s": statistics.median(times["flat"]),
+        "median_plain_s": statistics.median(times["plain"]),
+        "median_perturb_s": statistics.median(times["perturb"]),
+        "median_restore_s": statistics.median(times["restore"]),
+        "state_bytes": flat.stats()["state_bytes"],
+        "fixups": flat.stats()["fixups"],
+        "partition_bytes": sum(p.numel() * p.element_size() for p in part),
+        "full_base_bytes": sum(t.layout.numel * 4 for t in flat.targets),
+        "partition_elements": sum(p.numel() for p in part),
+        "noise_elements_drawn": drawn,
+    }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+
+
+def _drawn(w, block: int) -> int:
+    """Noise elements this rank draws for its partition: every overlapped block, whole."""
+    part = w.ds_tensor.numel()
+    start = w.ds_zero_partition_rank * part
+    stop = min(start + part, w.ds_numel)
+    if stop <= start:
+        return 0
+    return sum(min(block, w.ds_numel - b * block) for b in range(start // block, (stop - 1) // block + 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    a = ap.parse_args()
+    args = {k: getattr(a, k) for k in ("pairs", "hidden", "layers", "micro", "seq")}
+    res = launch(Path(__file__).resolve(), a.world, {"bench": args})
+    print(f"ZeRO-3, {a.world} CPU ranks (gloo, 1 thread each), Llama hidden {a.hidden}, {a.layers} layers, "
+          f"LoRA r=8 on all projections, micro-batch {a.micro}x{a.seq}, {2 * a.pairs} steps per arm")
+    for r in res:
+        ratio = r["median_flat_s"] / r["median_plain_s"]
+        print(
+            f"rank {r['rank']}: step flat {r['median_flat_s'] * 1e3:.1f} ms / plain {r['median_plain_s'] * 1e3:.1f} ms "
+            f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore {r['median_restore_s'] * 1e3:.1f} ms"
+        )
+        print(
+            f"        state_bytes {r['state_bytes']} = {r['state_bytes'] / r['partition_bytes']:.4f} x this rank's "
+            f"base partitions ({r['partition_bytes']} B; full base {r['full_base_bytes']} B), fixups {r['fixups']}; "
+            f"noise drawn {r['noise_elements_drawn']} elements for {r['partition_elements']} partition elements"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1].startswith("{"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        worker(json.loads(sys.argv[1])["bench"], Path(sys.argv[2]))
+    else:
+        main()

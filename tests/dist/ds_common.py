@@ -1,0 +1,163 @@
+"""Shared by the DeepSpeed workers, their pytest driver and bench/ds_overhead.py.
+
+- ``tiny_model``: a random 2-layer Llama (hidden 64) with PEFT LoRA on all projections, B randomised.
+- ``load_ds_config``: a file from ``ds_configs/`` with its HF-style ``"auto"`` values filled in.
+- ``launch``: start ``world`` worker processes over gloo (free port, one thread each) and collect the
+  JSON each rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DS_DEFAULT_PERSISTENCE = 100_000
+"""DeepSpeed's own default ``stage3_param_persistence_threshold`` (a tiny model is then fully persistent)."""
+
+
+def tiny_model(dtype=None, seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2, r: int = 4):
+    """PEFT LoRA Llama from a config (no download); identical on every rank for the same seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).to(dtype or torch.float32)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_PROJ))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 would make s*BA vanish from the norms
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    return model
+
+
+def load_ds_config(
+    name: str,
+    *,
+    world: int,
+    micro: int = 2,
+    gas: int = 1,
+    dtype: str = "fp32",
+    hidden: int = 64,
+    clip: float = 0.0,
+    persistence: int | None = None,
+) -> dict[str, Any]:
+    """``ds_configs/<name>.json`` with every ``"auto"`` filled (as the HF integration would).
+
+    ``persistence``: ``stage3_param_persistence_threshold``; ``None`` keeps HF's auto (10·hidden).
+    """
+    cfg = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    top = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world,
+        "gradient_clipping": clip,
+    }
+    for k, v in top.items():
+        if cfg.get(k) == "auto":
+            cfg[k] = v
+    for key, on in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        if cfg.get(key, {}).get("enabled") == "auto":
+            cfg[key]["enabled"] = on
+    zero = cfg.get("zero_optimization", {})
+    zauto = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for k, v in zauto.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    if persistence is not None and zero.get("stage") == 3:
+        zero["stage3_param_persistence_threshold"] = persistence
+    left = [k for k, v in _walk(cfg) if v == "auto"]
+    if left:
+        raise ValueError(f"unfilled 'auto' values in {name}.json: {left}")
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """Environment of one CPU rank: gloo rendezvous, one thread, cached DeepSpeed JIT builds."""
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("DS_BUILD_OPS", "0")
+    return env
+
+
+def launch(script: str | Path, world: int, args: dict[str, Any], timeout: float = 600) -> list[dict[str, Any]]:
+    """Run ``script`` as ``world`` ranks; each rank writes ``<out>/rank<r>.json``; return them by rank.
+
+    The script receives ``args`` as one JSON argument and the output folder as the second.  Raises
+    ``RuntimeError`` with the ranks' output tails when any rank fails or times out.
+    """
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="flatlora_ds_") as out:
+        procs, logs = [], []
+        for r in range(world):
+            log = open(Path(out) / f"log{r}.txt", "w+")  # noqa: SIM115 - closed below
+            logs.append(log)
+            cmd = [sys.executable, str(script), json.dumps(args), out]
+            procs.append(subprocess.Popen(cmd, env=worker_env(r, world, port), stdout=log, stderr=subprocess.STDOUT))
+        failed = []
+        for r, p in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                rc = "timeout"
+            if rc != 0:
+                failed.append((r, rc))
+        tails = []
+        for r, log in enumerate(logs):
+            log.seek(0)
+            tails.append(f"--- rank {r} ---\n" + log.read()[-6000:])
+            log.close()
+        if failed:
+            raise RuntimeError(f"ranks failed {failed} for {args}:\n" + "\n".join(tails))
+        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
