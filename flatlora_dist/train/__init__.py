@@ -1,0 +1,1 @@
+"""The training application: data, models, evaluation and the run orchestration."""
