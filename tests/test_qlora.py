@@ -144,33 +144,33 @@ def nonlinear_loss(y: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- 0. dequantization itself
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
 @pytest.mark.parametrize(
-    ("n_in", "blocksize", "quant_type", "double_quant", "storage"),
+    ("n_in", "blocksize", "quant_type", "double_quant", "storage", "compute"),
     [
-        (512, 64, "nf4", True, torch.uint8),
-        (
-            192,
-            128,
-            "fp4",
-            True,
-            torch.bfloat16,
-        ),  # in % blocksize != 0: bnb's own 2-D CPU kernel is wrong here
-        (320, 256, "nf4", False, torch.float32),
+        (512, 64, "nf4", True, torch.uint8, FP32),
+        (192, 128, "fp4", True, BF16, BF16),  # in % blocksize != 0: bnb's own 2-D CPU kernel is wrong here
+        (320, 256, "nf4", False, FP32, BF16),
     ],
 )
 def test_dequantized_chunks_equal_independent_decode(
-    monkeypatch, n_in, blocksize, quant_type, double_quant, storage
+    monkeypatch, n_in, blocksize, quant_type, double_quant, storage, compute
 ):
-    model = qlora_layer(n_in, 96, quant_type, double_quant, torch.float32, storage, blocksize=blocksize)
+    """Chunked dequantization (unaligned chunk requests, nested absmax slices) is bit-exact; with a
+    16-bit compute dtype ``dense_weight`` is assembled chunk by chunk and rounded like bnb rounds."""
+    model = qlora_layer(n_in, 96, quant_type, double_quant, compute, storage, blocksize=blocksize)
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=SIGMA, total_steps=4))
     t, backend = flat.targets[0], flat._backend_of[id(flat.targets[0])]
-    ref = decode_4bit(t.weight).float()
+    ref = decode_4bit(t.weight).to(compute)
     monkeypatch.setattr(bnb_backend, "NORM_CHUNK", 3 * n_in + 7)  # many chunks, unaligned request size
     assert len(list(bnb_backend.row_chunks(t))) > 10
     starts, vals = zip(*backend.norm_chunks(t))
     assert list(starts) == [r0 * n_in for r0, _ in bnb_backend.row_chunks(t)]
-    assert torch.equal(torch.cat(vals), ref.view(-1))
-    assert torch.equal(backend.dense_weight(t), ref)
+    assert torch.equal(torch.cat(vals), ref.float().view(-1))
+    dense = backend.dense_weight(t)
+    assert dense.dtype == compute and torch.equal(dense, ref)
     assert backend.regions(t) == []
 
 

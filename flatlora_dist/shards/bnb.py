@@ -228,13 +228,13 @@ class BnbBackend(ShardBackend):
         """The full dequantized weight ``(out, in)`` in the layer's compute dtype (one buffer).
 
         Values are bitsandbytes' own: dequantized into ``quant_state.dtype`` and cast to the compute
-        dtype, as ``Linear4bit`` does before its matmul.  Filled chunk by chunk, so no second copy of
-        the weight's size exists even when the two dtypes differ.
+        dtype, as ``Linear4bit`` does before its matmul.  One kernel call when the two dtypes agree;
+        otherwise filled chunk by chunk, so no second copy of the weight's size exists.
         """
         m, n = target.layout.rows, target.layout.cols
         cd = layer_compute_dtype(target)
         chunks = list(row_chunks(target))
-        if len(chunks) == 1:
+        if len(chunks) == 1 or dequant_dtype(target) == cd:  # one kernel call, no extra copy
             return dequantize_rows(target, 0, m).to(cd)
         out = torch.empty(m, n, dtype=cd, device=target.weight.device)
         for r0, r1 in chunks:
