@@ -117,7 +117,8 @@ def main() -> None:
         ratio = r["median_flat_s"] / r["median_plain_s"]
         print(
             f"rank {r['rank']}: step flat {r['median_flat_s'] * 1e3:.1f} ms / plain {r['median_plain_s'] * 1e3:.1f} ms "
-            f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore {r['median_restore_s'] * 1e3:.1f} ms"
+            f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore {r['median_restore_s'] * 1e3:.1f} ms "
+            f"(= {(r['median_perturb_s'] + r['median_restore_s']) / r['median_plain_s']:.3f} x a plain step)"
         )
         print(
             f"        state_bytes {r['state_bytes']} = {r['state_bytes'] / r['partition_bytes']:.4f} x this rank's "

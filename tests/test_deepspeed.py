@@ -22,8 +22,9 @@ from ds_common import DS_DEFAULT_PERSISTENCE, launch  # noqa: E402
 
 WORKER = DIST / "ds_worker.py"
 SCENARIOS = {
-    # 2 ranks, every weight partitioned (threshold 0); small noise blocks so the memory bound is tight
-    "z3": dict(world=2, config="zero3", dtype="fp32", persistence=0, small_blocks=512, instrument=True,
+    # 2 ranks, every weight partitioned (threshold 0); small noise blocks so the memory bound is tight;
+    # 2 micro-batches per optimizer step under one noise draw
+    "z3": dict(world=2, config="zero3", dtype="fp32", persistence=0, small_blocks=512, instrument=True, gas=2,
                checks=["perturbation", "train", "adapter", "functional"]),
     # 2 ranks, DeepSpeed's default threshold: the tiny model is fully persistent; bf16; FlatLoRA(engine.module)
     "z3_persistent_bf16": dict(world=2, config="zero3", dtype="bf16", persistence=DS_DEFAULT_PERSISTENCE,
@@ -129,6 +130,8 @@ def test_loss_matches_single_process_global_batch(scenario):
 
 # ---------------------------------------------------------------------------------------------- 4
 def test_one_allreduce_per_step_and_bounded_allocations():
+    """One norm all-reduce per optimizer step (2 micro-batches each), none in restore; no allocation in
+    perturb/restore beyond this rank's partition plus one noise chunk (LoRA factor gathers aside)."""
     for r in run("z3"):
         steps = len(r["ds_losses"])
         assert r["allreduce_counts"].get("perturb") == steps, r["allreduce_counts"]

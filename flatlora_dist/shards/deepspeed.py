@@ -20,6 +20,26 @@ copy that was *not* written by the engine — gathered during the forward from n
 another device type — is released in ``after_write`` (freed without write-back; the next use
 re-gathers from the partitions), so no stale noisy or unpatched copy survives a restore.
 
+Use (the engine picks this backend by itself when a LoRA base weight has a ``ds_id``)::
+
+    engine, *_ = deepspeed.initialize(model=peft_model, optimizer=torch.optim.AdamW(...), config=cfg)
+    flat = FlatLoRA(engine, FlatLoRAConfig(total_steps=T))      # FlatLoRA(engine.module, ...) is the same
+    for step in range(T):                                       # gas micro-batches per optimizer step
+        flat.perturb(step)                                      # every rank, same step (collective)
+        for k, batch in enumerate(window(step)):
+            engine.backward(engine(**batch).loss)
+            if k == gas - 1:
+                flat.restore()                                  # before the boundary engine.step()
+            engine.step()
+    sd = gathered_lora_state_dict(engine)                       # every rank (collective)
+    if rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=sd)
+
+Supported: ZeRO-3 with ``offload_param`` "none" or "cpu" (noise is then drawn on the CPU, where the
+partitions live), any ``stage3_param_persistence_threshold``, MiCS-style partition groups (norms are
+summed over ``ds_process_group`` only).  Refused at start-up: NVMe param offload, ZeRO++ hpZ secondary
+partitions, int8-quantized frozen partitions.  ZeRO-1/2 keep whole params: the plain backend.
+
 Everything here is local except ``lora_factors`` (all-gathers LoRA factors) and
 ``gathered_lora_state_dict``; both are collective over the partition group.  ``deepspeed`` is
 imported only inside functions of this module.

@@ -7,6 +7,7 @@ argv: ``<json args> <out dir>``; writes ``<out dir>/rank<r>.json`` with what it 
 - ``checks``: which of ``perturbation``, ``train``, ``cycles``, ``adapter``, ``functional`` to run.
 - ``garbage``: fill ZeRO-3 partition padding with NaN first (it must never reach a norm or a weight).
 - ``small_blocks``: shrink NOISE_BLOCK / NORM_CHUNK so the memory bound is smaller than a weight.
+- ``gas``: gradient accumulation steps (one noise draw per optimizer step spans them all).
 - ``instrument``: count all-reduces and track allocations inside perturb()/restore() while training.
 - ``wrap``: ``engine`` (default) or ``module``: what FlatLoRA is given (both are built and compared).
 
@@ -34,7 +35,7 @@ from flatlora_dist import FlatLoRA, FlatLoRAConfig
 from flatlora_dist.inplace import NoiseKey
 from flatlora_dist.shards.deepspeed import gathered_lora_state_dict
 
-SEED, SIGMA, LR, SEQ = 1234, 0.1, 1e-2, 16
+SEED, SIGMA, LR, SEQ = 1234, 0.2, 1e-2, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -72,7 +73,7 @@ def make_engine(args: dict):
     world = dist.get_world_size() if dist.is_initialized() else 1
     dtype = DTYPES[args["dtype"]]
     cfg = load_ds_config(
-        args["config"], world=world, micro=args.get("micro", 2), dtype=args["dtype"],
+        args["config"], world=world, micro=args.get("micro", 2), gas=args.get("gas", 1), dtype=args["dtype"],
         persistence=args.get("persistence"),
     )
     model = tiny_model(dtype, seed=0)
@@ -232,7 +233,27 @@ def instrumented(flat: FlatLoRA, counts: dict, tracker: AllocTracker | None):
 
 
 # ---------------------------------------------------------------------------------------------- check 3/4
-def train_ds(engine, flat: FlatLoRA, steps: int, micro: int, instrument: bool) -> dict:
+def optimizer_step(engine, flat: FlatLoRA, step: int, xs: list[torch.Tensor]) -> torch.Tensor:
+    """One optimizer step of DeepSpeed gradient accumulation under one noise draw: perturb before the
+    first micro-batch, restore after the last backward and before that micro-batch's ``engine.step()``
+    (the boundary one, which updates the LoRA weights).  Returns the mean micro-batch loss."""
+    losses = []
+    flat.perturb(step)
+    try:
+        for k, x in enumerate(xs):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            losses.append(loss.detach().float())
+            if k == len(xs) - 1:
+                flat.restore()
+            engine.step()
+    finally:
+        if flat.is_perturbed:
+            flat.restore()
+    return torch.stack(losses).mean()
+
+
+def train_ds(engine, flat: FlatLoRA, steps: int, micro: int, gas: int, instrument: bool) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     counts: dict[str, int] = {}
     tracker = AllocTracker() if instrument else None
@@ -240,12 +261,8 @@ def train_ds(engine, flat: FlatLoRA, steps: int, micro: int, instrument: bool) -
     ctx = instrumented(flat, counts, tracker) if instrument else _null()
     with ctx:
         for step in range(steps):
-            x = batch(step, rank, micro)
-            with flat.perturbed(step):
-                loss = engine(input_ids=x, labels=x).loss
-                engine.backward(loss)
-            engine.step()
-            mean = loss.detach().float().clone()
+            xs = [batch(step * gas + k, rank, micro) for k in range(gas)]
+            mean = optimizer_step(engine, flat, step, xs)
             dist.all_reduce(mean)
             losses.append(float(mean) / world)
     if tracker is not None:  # control: the tracker does see a gathered full weight
@@ -263,20 +280,24 @@ def _null():
     yield
 
 
-def train_ref(steps: int, micro: int, world: int, sigma: float, dtype) -> tuple[list[float], dict]:
-    """Single-process Flat-LoRA on the concatenated global batch (plain torch loop)."""
+def train_ref(steps: int, micro: int, gas: int, world: int, sigma: float, dtype) -> tuple[list[float], dict]:
+    """Single-process Flat-LoRA on the same global batch (plain torch loop, ``gas`` micro-batches of all
+    ranks' data concatenated, gradients averaged over them)."""
     model = tiny_model(dtype, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     flat = FlatLoRA(model, flat_config(sigma))
     losses = []
     for step in range(steps):
-        x = torch.cat([batch(step, r, micro) for r in range(world)])
+        total = 0.0
         with flat.perturbed(step):
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
+            for k in range(gas):
+                x = torch.cat([batch(step * gas + k, r, micro) for r in range(world)])
+                loss = model(input_ids=x, labels=x).loss
+                (loss / gas).backward()
+                total += float(loss) / gas
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(total)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -323,36 +344,39 @@ def main() -> None:
         res.update(check_perturbation(engine, flat, 4, "warm"))
         res["warm.regions"] = sorted(set(log.counts))
     if "train" in checks:
-        steps, micro = args.get("steps", 5), args.get("micro", 2)
-        res.update(train_ds(engine, flat, steps, micro, instrument=args.get("instrument", False)))
+        steps, micro, gas = args.get("steps", 5), args.get("micro", 2), args.get("gas", 1)
+        res.update(train_ds(engine, flat, steps, micro, gas, instrument=args.get("instrument", False)))
         res["alloc_bound_bytes"] = 4 * (partition_numel(flat) + noise_mod.NOISE_BLOCK)
         res["lora_numel"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters() if p.requires_grad)
-        ref_losses, ref_lora = train_ref(steps, micro, world, SIGMA, DTYPES[args["dtype"]])
-        plain_losses, _ = train_ref(steps, micro, world, 0.0, DTYPES[args["dtype"]])
+        ref_losses, ref_lora = train_ref(steps, micro, gas, world, SIGMA, DTYPES[args["dtype"]])
+        plain_losses, _ = train_ref(steps, micro, gas, world, 0.0, DTYPES[args["dtype"]])
         res["ref_losses"], res["plain_losses"] = ref_losses, plain_losses
         sd = gathered_lora_state_dict(engine)
         res["lora_max_abs_diff_vs_ref"] = max(float((sd[n].float() - ref_lora[n].float()).abs().max()) for n in ref_lora)
         res["lora_keys_equal_ref"] = sorted(sd) == sorted(ref_lora)
     if "cycles" in checks:
-        res.update(check_cycles(engine, flat, args.get("cycles", 20)))
+        res.update(check_cycles(engine, flat, args.get("cycles", 20), args.get("gas", 1)))
     if "adapter" in checks:
         res.update(check_adapter(engine, out_dir))
     if "functional" in checks:
-        res.update(check_functional(engine, flat))
+        res.update(check_functional(engine, flat, args.get("gas", 1)))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
 
 
-def check_cycles(engine, flat: FlatLoRA, cycles: int) -> dict:
+def check_cycles(engine, flat: FlatLoRA, cycles: int, gas: int) -> dict:
     """perturb / forward / backward / restore / step, ``cycles`` times; base weights must not move."""
     rank = dist.get_rank()
     before = sha(gathered(base_weights(flat)))
     lora0 = sha(gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad}))
     fixups = dirty = 0
     for step in range(cycles):
-        x = batch(100 + step, rank, 2)
+        xs = [batch(100 + step * gas + k, rank, 2) for k in range(gas)]
         with flat.perturbed(step):
-            engine.backward(engine(input_ids=x, labels=x).loss)
+            for x in xs[:-1]:
+                engine.backward(engine(input_ids=x, labels=x).loss)
+                engine.step()  # not an accumulation boundary
+            engine.backward(engine(input_ids=xs[-1], labels=xs[-1]).loss)
             fixups += flat.stats()["fixups"]
         dirty += sha(gathered(base_weights(flat))) != before  # reads gathered (persistent) copies in place
         engine.step()
@@ -386,7 +410,7 @@ def check_adapter(engine, out_dir: Path) -> dict:
     return res
 
 
-def check_functional(engine, flat: FlatLoRA) -> dict:
+def check_functional(engine, flat: FlatLoRA, gas: int) -> dict:
     """Functional mode reads the gathered weight inside forward and backward: same loss as inplace.
 
     Run after an evaluation-style forward without backward, which leaves ZeRO-3 prefetches in flight.
@@ -406,8 +430,11 @@ def check_functional(engine, flat: FlatLoRA) -> dict:
     out["functional.inflight_before"] = status.count("INFLIGHT")
     out["functional.base_not_partitioned_before"] = len(bases) - bases.count("NOT_AVAILABLE")
     with func.perturbed(2):
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
+        for k in range(gas):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            if k < gas - 1:
+                engine.step()  # not an accumulation boundary
     grad = safe_get_full_grad(probe)
     out["functional.functional_loss"] = float(loss)
     out["functional.grad_finite"] = grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)
