@@ -29,6 +29,16 @@ BF = pytest.importorskip("bitsandbytes.functional")
 SIGMA = 0.05
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny layers: one thread is as fast, and bnb's CPU kernels (whose OpenMP regions follow
+    torch.set_num_threads) cost ~10 ms per call at 2 threads on a loaded 2-core machine, 0.03 ms at 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------- builders and references
 class OneQ(nn.Module):
     def __init__(self, lin: nn.Module):
@@ -398,7 +408,7 @@ def test_tiny_4bit_llama_trains_with_flatlora():
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=SIGMA, total_steps=steps, seed=5))
     assert flat.stats()["backends"] == "bnb" and flat.stats()["layers"] == 14
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     model.train()
     losses = []
     for step in range(steps):
