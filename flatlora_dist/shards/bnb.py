@@ -13,7 +13,7 @@ Invariants
 * 4-bit data is dequantized with a *flat* shape ``(rows·in,)``: the bitsandbytes 0.50.2 CPU kernel
   called with a 2-D shape mis-indexes the block scales whenever ``in_features % blocksize != 0``
   (measured: max error 0.4-2.0 on N(0,1) weights for widths 48, 80, 96 at blocksize 64 and 64, 96,
-  192 at blocksize 128); the flat call agrees with the reference decode to the bit for every width.
+  192 at blocksize 128); the flat call agrees with an independent decode to the bit at every width tested.
 * Chunks are row-aligned and start on a quantization-block boundary, so each chunk reads only its
   own slice of the packed bytes and of ``absmax`` (and of the nested absmax of double quantization).
 
