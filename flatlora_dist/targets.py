@@ -15,6 +15,7 @@ from .layout import RowLayout
 
 _WRAPPER_PARTS = {"module", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 _QUANTIZED_PARAMS = {"Params4bit", "Int8Params"}
+_QUANTIZED_LAYERS = {"Linear4bit", "Linear8bitLt"}
 
 
 def canonical_name(name: str) -> str:
@@ -45,7 +46,8 @@ class LoraTarget:
 
     @property
     def quantized(self) -> bool:
-        return type(self.weight).__name__ in _QUANTIZED_PARAMS
+        """A bitsandbytes base, recognised by its layer class too (FSDP/DTensor wrapping hides the param type)."""
+        return type(self.weight).__name__ in _QUANTIZED_PARAMS or type(self.base).__name__ in _QUANTIZED_LAYERS
 
     def adapters(self) -> list[str]:
         """Active adapter names that have LoRA factors in this layer."""

@@ -20,18 +20,31 @@ _BACKENDS = {
 }
 
 
-def backend_kind(target: LoraTarget) -> str:
-    """Which backend owns this target's base weight, from the parameter alone."""
+def _sharding(target: LoraTarget) -> str:
     w = target.weight
     if hasattr(w, "ds_id"):
         return "deepspeed"
-    if target.quantized:
-        return "bnb"
     if type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor":
         return "fsdp2"
     if getattr(w, "_fsdp_flattened", False) or getattr(target.base, "_fsdp_flat_param", None) is not None:
         return "fsdp1"
+    if getattr(getattr(w, "_base", None), "_fsdp_flattened", False):  # FSDP1 use_orig_params=False: a view
+        return "fsdp1"  # of a FlatParameter; FSDP1Backend.check refuses it with the fix
     return "plain"
+
+
+def backend_kind(target: LoraTarget) -> str:
+    """Which backend owns this target's base weight, from the parameter alone."""
+    kind = _sharding(target)
+    if target.quantized:
+        if kind != "plain":
+            raise ValueError(
+                f"layer {target.name!r}: Flat-LoRA on a 4-bit/8-bit base sharded by {kind} is not supported "
+                "(the packed bytes cannot take noise in place); run QLoRA in a single process or under DDP, "
+                "or shard a bf16 base with ZeRO-3/FSDP instead"
+            )
+        return "bnb"
+    return kind
 
 
 def make_backend(kind: str, model) -> ShardBackend:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..noise import NOISE_BLOCK
 from ..targets import LoraTarget
 
-NORM_CHUNK = 1 << 20
-"""Elements per chunk when streaming a weight for its row norms (bounds transient memory)."""
+NORM_CHUNK = NOISE_BLOCK
+"""Elements per chunk when streaming a weight for its row norms (same bound as one noise chunk)."""
 
 Factors = list[tuple[torch.Tensor, torch.Tensor, float]]
 
