@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: install
+	rm -rf outputs/demo
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(PY) -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')")} \
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --ds_config ds_configs/zero3.json
 

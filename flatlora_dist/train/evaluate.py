@@ -52,6 +52,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether forwards are collective (ZeRO-3 / FSDP params), so ranks must generate in lockstep."""
+    if not _distributed():
+        return False
+    p = next(model.parameters(), None)
+    return p is not None and (
+        hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or getattr(p, "_fsdp_flattened", False)
+        or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+    )
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -116,7 +127,7 @@ def generate(
         for batch in _batches(list(examples), batch_size):
             ids, mask = left_pad([encode_prompt(tokenizer, ex) for ex in batch], pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, synced_gpus=_distributed())  # fmt: skip
+                                 generation_config=config, synced_gpus=_sharded(model))  # fmt: skip
             new = out[:, ids.shape[1] :].cpu()
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     return outputs

@@ -258,8 +258,30 @@ def build_callbacks(trainer, cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def evaluate_all(cfg: TrainConfig, model, tokenizer, heldout, extra: dict[str, Any]) -> dict[str, float]:
-    """Held-out loss, plus accuracy for the built-in tasks.  Every rank runs the same work in lockstep."""
+def _accuracy(cfg: TrainConfig, model, tokenizer, heldout, extra: dict[str, Any]) -> dict[str, float]:
+    """Accuracy metrics of the built-in tasks (generation for math, log-probs for sentiment)."""
+    from . import evaluate
+
+    n = cfg.eval_generate_limit
+    metrics: dict[str, float] = {}
+    if not n or heldout is None:
+        return metrics
+    if heldout.kind == "math":
+        metrics["math_accuracy"] = evaluate.math_accuracy(model, tokenizer, heldout.examples[:n],
+                                                          max_new_tokens=cfg.max_new_tokens)["accuracy"]  # fmt: skip
+    elif heldout.kind == "sentiment":
+        metrics["sentiment_accuracy"] = evaluate.sentiment_accuracy(model, tokenizer, heldout.examples[:n])[
+            "accuracy"
+        ]
+        for name, data in extra.items():
+            metrics[f"sentiment_accuracy_{name}"] = evaluate.sentiment_accuracy(
+                model, tokenizer, data.examples[:n]
+            )["accuracy"]
+    return metrics
+
+
+def evaluate_all(cfg: TrainConfig, model, tokenizer, heldout, extra: dict[str, Any], accuracy: bool = True):
+    """Held-out loss (and, if asked, accuracy).  Every rank runs the same work in lockstep."""
     from . import evaluate
 
     metrics: dict[str, float] = {}
@@ -269,21 +291,50 @@ def evaluate_all(cfg: TrainConfig, model, tokenizer, heldout, extra: dict[str, A
         if heldout is not None:
             metrics["eval_loss"] = evaluate.heldout_loss(model, heldout.dataset, heldout.collator,
                                                          cfg.per_device_eval_batch_size)  # fmt: skip
-        n = cfg.eval_generate_limit
-        if n and heldout is not None and heldout.kind == "math":
-            metrics["math_accuracy"] = evaluate.math_accuracy(model, tokenizer, heldout.examples[:n],
-                                                              max_new_tokens=cfg.max_new_tokens)["accuracy"]  # fmt: skip
-        if n and heldout is not None and heldout.kind == "sentiment":
-            metrics["sentiment_accuracy"] = evaluate.sentiment_accuracy(
-                model, tokenizer, heldout.examples[:n]
-            )
-            for name, data in extra.items():
-                metrics[f"sentiment_accuracy_{name}"] = evaluate.sentiment_accuracy(
-                    model, tokenizer, data.examples[:n]
-                )["accuracy"]
+        if accuracy:
+            metrics.update(_accuracy(cfg, model, tokenizer, heldout, extra))
     finally:
         model.train(was_training)
     return metrics
+
+
+def sharded(cfg: TrainConfig, ds: dict[str, Any] | None) -> bool:
+    """Whether parameters are partitioned across ranks (ZeRO-3 or FSDP)."""
+    return bool(cfg.fsdp) or bool(ds and ds.get("zero_optimization", {}).get("stage", 0) == 3)
+
+
+def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra) -> tuple[dict, dict]:
+    """Before/after accuracy from an unsharded copy on rank 0 (others wait at a barrier).
+
+    Token-by-token generation through ZeRO-3/FSDP gathers every layer for every new token; one plain
+    copy of base + saved adapter is far cheaper whenever the model fits one device.  "Before" is the
+    base model with the adapter disabled, which is what LoRA's zero-initialised B starts from.
+    """
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    if is_main() and cfg.eval_generate_limit and heldout is not None:
+        from peft import PeftModel
+        from transformers.integrations import deepspeed as hf_ds
+
+        from .model import load_model
+
+        saved = hf_ds._hf_deepspeed_config_weak_ref
+        hf_ds.unset_hf_deepspeed_config()  # a plain load, not ZeRO-3 partitioned, on this rank alone
+        try:
+            base, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                         attn_implementation=cfg.attn_implementation,
+                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+            if torch.cuda.is_available():
+                base = base.to(f"cuda:{torch.cuda.current_device()}")
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
+            model.eval()
+            with model.disable_adapter():
+                before = _accuracy(cfg, model, tokenizer, heldout, extra)
+            after = _accuracy(cfg, model, tokenizer, heldout, extra)
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
+    barrier()
+    return before, after
 
 
 def load_data(cfg: TrainConfig, tokenizer):
@@ -365,14 +416,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         def on_train_begin(self, args, state, control, **kwargs):
             before["fingerprint"] = frozen_fingerprint(trainer.model)
             if resume_from is None:
-                before["metrics"] = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra)
+                before["metrics"] = evaluate_all(
+                    cfg, trainer.model, tokenizer, heldout, extra, not split_eval
+                )
 
+    split_eval = sharded(cfg, ds)  # accuracy then comes from one unsharded copy on rank 0
     trainer.add_callback(Before())
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    after_metrics = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra)
+    after_metrics = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra, not split_eval)
     fingerprint_after = frozen_fingerprint(trainer.model)
     out = Path(cfg.output_dir)
     save_adapter(cfg, trainer.model, out / "adapter")
+    if split_eval:
+        acc_before, acc_after = gather_per_rank(rank0_accuracy(cfg, out / "adapter", heldout, extra))[0]
+        if before.get("metrics") is not None:
+            before["metrics"].update(acc_before)
+        after_metrics.update(acc_after)
     peaks = gather_per_rank(peak_memory_mb())
     summary = {
         "model": cfg.model,
