@@ -66,10 +66,10 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
     max_steps: int = field(
-        default=30, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0)"}
+        default=12, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0)"}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps <= 0"})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "micro-batch per rank"})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "micro-batch per rank"})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "eval batch per rank"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
