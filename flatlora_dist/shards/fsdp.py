@@ -167,20 +167,32 @@ def _dtensor_shard_dim(dt) -> int:
     return dims[0]
 
 
-def _dtensor_piece(dt) -> _Piece:
-    """The ``_Piece`` of a FSDP2 DTensor: ``to_local()`` rows and the ceil row split of the shard dim."""
+@dataclass(frozen=True)
+class _Geo:
+    """Static geometry of a FSDP2 DTensor: every shard-group rank's flat range, this rank's index, the group."""
+
+    covers: list[tuple[int, int]]
+    me: int
+    group: Any
+
+
+def _dtensor_geometry(dt) -> _Geo:
     d = _dtensor_shard_dim(dt)
     mesh = dt.device_mesh
     ws = mesh.size(d)
-    covers = _row_covers(dt.shape, ws)
+    return _Geo(_row_covers(dt.shape, ws), mesh.get_local_rank(d), mesh.get_group(d) if ws > 1 else None)
+
+
+def _dtensor_piece(dt, geo: _Geo | None = None) -> _Piece:
+    """The ``_Piece`` of a FSDP2 DTensor: ``to_local()`` rows and the ceil row split of the shard dim."""
+    geo = geo if geo is not None else _dtensor_geometry(dt)
     local = dt.to_local()
-    me = mesh.get_local_rank(d)
-    if local.numel() != covers[me][1] or (local.numel() and not local.is_contiguous()):
+    if local.numel() != geo.covers[geo.me][1] or (local.numel() and not local.is_contiguous()):
         raise RuntimeError(
-            f"FSDP2 local shard of shape {tuple(local.shape)} is not rank {me}'s ceil row chunk of "
-            f"{tuple(dt.shape)} over {ws} ranks"
+            f"FSDP2 local shard of shape {tuple(local.shape)} is not rank {geo.me}'s ceil row chunk of "
+            f"{tuple(dt.shape)} over {len(geo.covers)} ranks"
         )
-    return _Piece(local.detach().view(-1), dt.shape, covers, mesh.get_group(d) if ws > 1 else None)
+    return _Piece(local.detach().view(-1), dt.shape, geo.covers, geo.group)
 
 
 @dataclass
@@ -189,6 +201,13 @@ class _F2:
 
     param: Any
     owner: nn.Module
+    geo: _Geo | None = None
+
+    def piece(self) -> _Piece:
+        """This rank's rows of the sharded parameter (geometry computed once; the local view fresh)."""
+        if self.geo is None:
+            self.geo = _dtensor_geometry(self.param.sharded_param)
+        return _dtensor_piece(self.param.sharded_param, self.geo)
 
 
 def _fsdp2_index(model: nn.Module) -> dict[tuple[int, str], _F2]:
@@ -273,7 +292,7 @@ class FSDP2Backend(ShardBackend):
         for i, t in enumerate(targets):
             e = self._weight_entry(t)
             dt = e.param.sharded_param
-            piece = _dtensor_piece(dt)
+            piece = e.piece()
             local = dt.to_local()
             if type(local) is not torch.Tensor or hasattr(local, "fsdp_pre_all_gather") or not local.is_floating_point():
                 raise ValueError(
@@ -297,11 +316,10 @@ class FSDP2Backend(ShardBackend):
         """This rank's rows of the weight (``to_local()``, padding excluded); ``[]`` for an empty shard."""
         e = self._weight_entry(target)
         _fsdp2_settle([e])
-        piece = _dtensor_piece(e.param.sharded_param)
+        piece = e.piece()
         if piece.local.numel() == 0:
             return []
-        me = 0 if piece.group is None else dist.get_rank(piece.group)
-        return [Region(piece.local, piece.covers[me][0])]
+        return [Region(piece.local, piece.covers[e.geo.me][0])]
 
     @contextmanager
     def lora_factors(self, targets: list[LoraTarget]) -> Iterator[dict[int, Factors]]:
@@ -317,7 +335,7 @@ class FSDP2Backend(ShardBackend):
         e = self._entry(module, "weight")
         if e is None or type(tensor).__name__ != "DTensor":
             return _Piece(tensor.detach().reshape(-1), tensor.shape, [(0, tensor.numel())], None)
-        return _dtensor_piece(e.param.sharded_param)
+        return e.piece()
 
     def dense_weight(self, target: LoraTarget) -> torch.Tensor:
         """The unsharded weight FSDP2 registers on the module during its forward/backward (functional mode)."""
@@ -596,7 +614,7 @@ def gathered_lora_state_dict(model: nn.Module, *, rank0_only: bool = False) -> d
         if key in idx1:
             pieces.append(idx1[key].piece())
         elif key in idx2 and type(p).__name__ == "DTensor":
-            pieces.append(_dtensor_piece(idx2[key].param.sharded_param))
+            pieces.append(idx2[key].piece())
         else:
             pieces.append(_Piece(p.detach().reshape(-1), p.shape, [(0, p.numel())], None))
     full = _gather_full(pieces)

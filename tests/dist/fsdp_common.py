@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama_config(layers: int = 2, hidden: int = 64, inter: int = 80):
+def llama_config(layers: int = 2, hidden: int = 64, inter: int = 80, heads: int = 4, kv_heads: int = 1, head_dim: int = 4):
+    """Defaults: the test model (4-row k/v projections); the benchmark passes a conventional shape."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -33,10 +34,10 @@ def llama_config(layers: int = 2, hidden: int = 64, inter: int = 80):
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=4,
-        max_position_embeddings=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
     )
 
 
