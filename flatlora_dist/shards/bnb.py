@@ -243,9 +243,16 @@ class BnbBackend(ShardBackend):
 
     # ------------------------------------------------------------------ start-up validation
     def check(self, targets: list[LoraTarget]) -> None:
-        """Refuse, with the combination and the fix, what this backend cannot perturb correctly."""
+        """Refuse, with the combination and the fix, what this backend cannot perturb correctly.
+
+        Also turns off bitsandbytes' CPU inference repacking (``support_avx512bf16_for_cpu``): on
+        AVX512-BF16 CPUs a no-grad eval forward rewrites the 4-bit storage with bf16-rounded block
+        scales, a lossy change to the frozen base that Flat-LoRA promises never happens.
+        """
         for t in targets:
             _check_target(t)
+            if getattr(t.base, "support_avx512bf16_for_cpu", False):
+                t.base.support_avx512bf16_for_cpu = False
 
 
 def _check_target(t: LoraTarget) -> None:

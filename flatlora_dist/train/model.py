@@ -310,6 +310,9 @@ def _load_tiny(dtype: torch.dtype, load_in_4bit: bool, attn: str):
 
 
 def _finish(model, tok, gradient_checkpointing: bool):
+    for m in model.modules():  # bnb's CPU eval repacking lossily rewrites frozen 4-bit storage: keep it off
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.generation_config.pad_token_id is None:
