@@ -42,7 +42,7 @@ def worker(args: dict, out_dir: Path) -> None:
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
     plain = FlatLoRA(model, FlatLoRAConfig(sigma=0.0, total_steps=1000))
     gen = torch.Generator().manual_seed(rank)
-    times: dict[str, list[float]] = {"flat": [], "plain": [], "perturb": [], "restore": []}
+    times: dict[str, list[float]] = {k: [] for k in ("flat", "plain", "perturb", "restore", "fb_flat", "fb_plain")}
 
     def step(f: FlatLoRA, i: int, record: bool) -> None:
         x = torch.randint(0, 128, (args["micro"], args["seq"]), generator=gen)
@@ -59,6 +59,7 @@ def worker(args: dict, out_dir: Path) -> None:
         t4 = time.perf_counter()
         if record:
             times["flat" if f is flat else "plain"].append(t4 - t0)
+            times["fb_flat" if f is flat else "fb_plain"].append(t2 - t1)
             if f is flat:
                 times["perturb"].append(t1 - t0)
                 times["restore"].append(t3 - t2)
@@ -77,6 +78,8 @@ def worker(args: dict, out_dir: Path) -> None:
         "median_plain_s": statistics.median(times["plain"]),
         "median_perturb_s": statistics.median(times["perturb"]),
         "median_restore_s": statistics.median(times["restore"]),
+        "median_fwd_bwd_flat_s": statistics.median(times["fb_flat"]),
+        "median_fwd_bwd_plain_s": statistics.median(times["fb_plain"]),
         "state_bytes": flat.stats()["state_bytes"],
         "fixups": flat.stats()["fixups"],
         "shard_bytes": sum(t.numel() * t.element_size() for t in local),
@@ -107,7 +110,8 @@ def main() -> None:
         print(
             f"rank {r['rank']}: step flat {r['median_flat_s'] * 1e3:.1f} ms / plain {r['median_plain_s'] * 1e3:.1f} ms "
             f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore "
-            f"{r['median_restore_s'] * 1e3:.1f} ms (= {share:.3f} x a plain step)"
+            f"{r['median_restore_s'] * 1e3:.1f} ms (= {share:.3f} x a plain step); forward+backward "
+            f"{r['median_fwd_bwd_flat_s'] * 1e3:.1f} ms perturbed / {r['median_fwd_bwd_plain_s'] * 1e3:.1f} ms plain"
         )
         print(
             f"        state_bytes {r['state_bytes']} = {r['state_bytes'] / r['shard_bytes']:.4f} x this rank's base "

@@ -20,8 +20,15 @@ FSDP unit left unsharded (the root after an evaluation forward keeps its unshard
 the next forward would otherwise reuse without the noise).  That is local; it needs the call to come
 outside forward/backward, which the engine's contract already requires.
 
+Sharding strategies: FSDP1 FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (reduce over the handle's intra-node
+group) and NO_SHARD (whole weights, no reduction); FSDP2 with default placements, 1-D or 2-D (HSDP) mesh.
+Refused at start-up, naming the fix: FSDP1 without ``use_orig_params``, FSDP2 placements other than
+``Shard(0)`` on one mesh dimension (``shard_placement_fn``, tensor parallel), float8 / quantized shards.
+
 Collectives: ``lora_factors`` and ``gathered_lora_state_dict`` gather LoRA factors with one
 ``all_gather`` per (shard group, dtype); everything else is local.  The norm all-reduce is the engine's.
+``save_adapter`` writes a loadable PEFT adapter from the gathered tensors (PEFT 0.21's own
+``save_pretrained`` writes an empty one under nested FSDP1 units).
 
 Noise is drawn on the device of the sharded storage: with CPU offload that is the CPU (identical on all
 ranks, but a different stream of values than CUDA draws would give).  FSDP modules are imported only
