@@ -15,14 +15,23 @@ Values match across runs on the same device type; CPU and CUDA generators differ
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
 
-_GENERATORS: dict[str, torch.Generator] = {}
+_LOCAL = threading.local()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
+_POOL_LOCK = threading.Lock()
+CPU_DRAW_THREADS = int(os.environ.get("FLATLORA_NOISE_THREADS", "2"))
+"""Worker threads drawing CPU noise blocks ahead of their use (torch's CPU sampler is serial per call)."""
 
 
 def block_seed(seed: int, step: int, name: str, block: int) -> int:
@@ -32,11 +41,27 @@ def block_seed(seed: int, step: int, name: str, block: int) -> int:
 
 
 def _generator(device: torch.device) -> torch.Generator:
+    """One generator per thread and device (blocks are seeded independently, so any thread may draw any)."""
+    gens = getattr(_LOCAL, "gens", None)
+    if gens is None:
+        gens = _LOCAL.gens = {}
     key = str(device)
-    gen = _GENERATORS.get(key)
+    gen = gens.get(key)
     if gen is None:
-        gen = _GENERATORS[key] = torch.Generator(device=device)
+        gen = gens[key] = torch.Generator(device=device)
     return gen
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """The draw pool of this process (a forked child, e.g. a DataLoader worker, makes its own)."""
+    global _POOL, _POOL_PID
+    if CPU_DRAW_THREADS <= 0:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL_PID = os.getpid()
+            _POOL = ThreadPoolExecutor(max_workers=CPU_DRAW_THREADS, thread_name_prefix="flatlora-noise")
+        return _POOL
 
 
 def draw_block(seed: int, step: int, name: str, block: int, numel: int, device: torch.device) -> torch.Tensor:
@@ -50,22 +75,50 @@ def draw_block(seed: int, step: int, name: str, block: int, numel: int, device: 
     return torch.randn(length, generator=gen, device=device, dtype=torch.float32)
 
 
+def _block_ranges(start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """``(block, lo, hi)`` for each block overlapping ``[start, stop)``."""
+    pos = start
+    while pos < stop:
+        block = pos // NOISE_BLOCK
+        end = min(stop, (block + 1) * NOISE_BLOCK)
+        yield block, pos, end
+        pos = end
+
+
 def noise_chunks(
     seed: int, step: int, name: str, numel: int, start: int, stop: int, device: torch.device
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(chunk_start, values)`` covering global flat range ``[start, stop)`` of a weight with
-    ``numel`` elements, one chunk per overlapped block (float32, at most ``NOISE_BLOCK`` long)."""
+    ``numel`` elements, one chunk per overlapped block (float32, at most ``NOISE_BLOCK`` long).
+
+    On CPU the next blocks are drawn by worker threads while the caller uses the current one (at most
+    ``CPU_DRAW_THREADS + 1`` blocks alive); values are identical to drawing them in order.
+    """
     if not 0 <= start <= stop <= numel:
         raise ValueError(f"range [{start}, {stop}) is outside a weight of {numel} elements")
     device = torch.device(device)
-    pos = start
-    while pos < stop:
-        block = pos // NOISE_BLOCK
-        block_lo = block * NOISE_BLOCK
-        end = min(stop, block_lo + NOISE_BLOCK)
-        values = draw_block(seed, step, name, block, numel, device)
-        yield pos, values[pos - block_lo : end - block_lo]
-        pos = end
+    ranges = list(_block_ranges(start, stop))
+    pool = _pool() if device.type == "cpu" and len(ranges) > 1 else None
+    if pool is None:
+        for block, lo, hi in ranges:
+            values = draw_block(seed, step, name, block, numel, device)
+            off = block * NOISE_BLOCK
+            yield lo, values[lo - off : hi - off]
+        return
+    pending: deque = deque()
+    todo = iter(ranges)
+    for block, lo, hi in todo:
+        pending.append((block, lo, hi, pool.submit(draw_block, seed, step, name, block, numel, device)))
+        if len(pending) > CPU_DRAW_THREADS:
+            break
+    while pending:
+        block, lo, hi, fut = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append((*nxt, pool.submit(draw_block, seed, step, name, nxt[0], numel, device)))
+        values = fut.result()
+        off = block * NOISE_BLOCK
+        yield lo, values[lo - off : hi - off]
 
 
 def noise_range(
