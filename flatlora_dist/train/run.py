@@ -1,9 +1,31 @@
 """The training application: HF Trainer + FlatLoRACallback, under plain python, DeepSpeed or FSDP.
 
 ``launch/train.py`` calls :func:`main`.  Order of work: validate everything cheap (config, output
-directory, DeepSpeed config, data files, optional packages) before distributed start-up, model
-loading or data tokenization; then evaluate, train, evaluate, save a complete PEFT adapter and
+directory, DeepSpeed config and its batch sizes, data files and their records, optional packages)
+before distributed start-up, model loading or data tokenization; touch the output directory only
+once model and data have loaded; then evaluate, train, evaluate, save a complete PEFT adapter and
 write ``summary.json`` and ``curves.png``.
+
+Reliability (issue 8):
+
+* **Checkpoints** ``checkpoint-N`` get a ``COMPLETE`` marker after every rank has written its part;
+  ``--resume`` loads only the newest complete one and sets every other newer or unmarked folder aside
+  (``incomplete-checkpoint-N-<time>``: a name neither resume nor HF's rotation looks at).
+  ``--save_total_limit`` is applied here, only to complete checkpoints and only once the new one is
+  marked (HF's own rotation would delete the last complete checkpoint before the new one is).
+  Checkpoints and saves never see perturbed base weights: a save requested while Flat-LoRA noise is
+  in the weights restores them first and re-applies the same (deterministic) noise afterwards.
+* **SIGTERM** (scheduler pre-emption, ``scancel``, the DeepSpeed launcher forwarding its own
+  SIGTERM): the handler only sets a flag; at the end of the current optimizer step all ranks agree
+  on it (one all-reduce), write a complete checkpoint and stop.  The process then exits with
+  **143** (128 + SIGTERM) without final evaluation, adapter or summary: "stopped cleanly, not
+  finished; rerun with --resume".  A second SIGTERM ends the process at once.
+* **Non-finite loss or gradients**: the step's update is skipped (no optimizer or LR-scheduler step;
+  the step still counts, so the noise schedule and data order go on), with a warning and the step
+  listed in ``summary.json`` (``skipped_steps``).  The Flat-LoRA noise is removed before the
+  optimizer step as always.  Plain/DDP/FSDP: checked here (loss and gradients, agreed over ranks).
+  DeepSpeed: the engine steps inside backward and ZeRO skips any step whose gradient norm is not
+  finite (and its scheduler step); that skip is reported the same way.
 """
 
 from __future__ import annotations
@@ -13,8 +35,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +53,9 @@ from .report import frozen_fingerprint, gather_per_rank, peak_memory_mb, plot_cu
 logger = logging.getLogger("flatlora_dist.train")
 
 COMPLETE_MARKER = "COMPLETE"
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM  # 143: stopped on SIGTERM with a complete checkpoint
 RUN_CONFIG = "run_config.json"
+RUN_STATE = "run_state.json"  # in each checkpoint: what the Trainer's own state does not carry
 RUN_ARTIFACTS = ("summary.json", "curves.png", RUN_CONFIG, "adapter", "merged", "tensorboard")
 # Settings that must not change when a run is resumed (else the resumed run is a different run).
 RESUME_KEYS = ("model", "task", "data", "data_format", "max_length", "packing", "train_limit", "sigma",
@@ -58,10 +85,31 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one tiny all-reduce; collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders, oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit`` (never the newest); marker first, so a
+    deletion cut short leaves an unmarked folder, never a marked partial one."""
+    if not limit or limit <= 0:
+        return
+    done = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
+    for old in done[:-limit]:
+        (old / COMPLETE_MARKER).unlink()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -91,6 +139,37 @@ def load_ds_config(path: str) -> dict[str, Any]:
     if stage not in (0, 1, 2, 3):
         raise RunError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return cfg
+
+
+def check_ds_batch(cfg: TrainConfig, ds: dict[str, Any], path: str) -> None:
+    """Explicit DeepSpeed batch sizes must match the run's (HF would fail much later, after loading)."""
+    micro, gas, ws = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world_size()
+    expected = {"train_micro_batch_size_per_gpu": (micro, f"per_device_train_batch_size {micro}"),
+                "gradient_accumulation_steps": (gas, f"gradient_accumulation_steps {gas}"),
+                "train_batch_size": (micro * gas * ws, f"per_device_train_batch_size {micro} x "
+                                     f"gradient_accumulation_steps {gas} x world size {ws} = {micro * gas * ws}")}  # fmt: skip
+    for key, (want, why) in expected.items():
+        got = ds.get(key, "auto")
+        if got in ("auto", None):
+            continue
+        if isinstance(got, bool) or not isinstance(got, int) or got != want:
+            raise RunError(f'{path}: {key} is {got!r} but this run has {why}; set it to {want} or "auto"')
+
+
+def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | None) -> None:
+    """Parse a JSONL file's records (no tokenizer needed): malformed lines fail here, before any work."""
+    from .data import DataError, _file_for, detect_format, parse_alpaca, parse_chat, read_jsonl
+
+    p = _file_for(Path(path).expanduser(), split)
+    records = read_jsonl(p)
+    first_line, first = records[0]
+    kind = detect_format(first) if fmt == "auto" else fmt
+    if kind not in ("alpaca", "chat"):
+        raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {', '.join(sorted(first)) or 'none'}); "
+                        "expected 'messages' (chat) or 'instruction' + 'output' (alpaca)")  # fmt: skip
+    parse = parse_chat if kind == "chat" else parse_alpaca
+    for lineno, rec in records[:limit] if limit is not None else records:
+        parse(p, lineno, rec)
 
 
 def check_output_dir(cfg: TrainConfig) -> Path | None:
@@ -130,9 +209,14 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
     """Every check that needs no model, data tokenization or process group."""
     ds = load_ds_config(cfg.ds_config) if cfg.ds_config else None
-    for label, path in (("--data", cfg.data), ("--eval_data", cfg.eval_data)):
+    if ds is not None:
+        check_ds_batch(cfg, ds, cfg.ds_config)
+    for label, path, split, limit in (("--data", cfg.data, "train", cfg.train_limit),
+                                      ("--eval_data", cfg.eval_data, "test", cfg.eval_limit)):  # fmt: skip
         if path and not Path(path).exists():
             raise RunError(f"{label} file not found: {path}")
+        if path:
+            check_data_file(label, path, split, cfg.data_format, limit)
     if cfg.data is None and cfg.task not in ("math", "sentiment"):
         raise RunError(f"--task must be 'math' or 'sentiment' (or give --data FILE.jsonl), got {cfg.task!r}")
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -178,7 +262,7 @@ def prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
         newest = int(resume_from.name.split("-")[-1]) if resume_from is not None else -1
         for ckpt in checkpoints(out):
             if not (ckpt / COMPLETE_MARKER).is_file() or int(ckpt.name.split("-")[-1]) > newest:
-                ckpt.rename(ckpt.with_name(f"{ckpt.name}.incomplete-{int(time.time())}"))
+                ckpt.rename(ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}"))
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
     barrier()
 
@@ -191,7 +275,6 @@ def flat_config(cfg: TrainConfig) -> FlatLoRAConfig:
 def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
     from transformers import TrainingArguments
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
     kwargs: dict[str, Any] = {}
     if cfg.fsdp:
         from .fsdp_args import fsdp_training_kwargs
@@ -219,7 +302,7 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
         logging_first_step=True,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # rotate_checkpoints() does it, after the COMPLETE marker
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps or None,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
@@ -233,7 +316,145 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
     )
 
 
-def build_callbacks(trainer, cfg: TrainConfig):
+class StopRequest:
+    """SIGTERM sets a flag (nothing else: the handler may run mid-step, with noise in the weights).
+
+    ``install``/``uninstall`` swap the handler in and back out (main thread only; elsewhere, e.g. a
+    notebook worker thread, signals cannot be handled and the default behaviour stays).  A second
+    SIGTERM restores the previous handler and re-sends itself: the process ends at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.uninstall()
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+
+def trainer_class():
+    """``FlatTrainer``: HF ``Trainer`` + skipped updates on non-finite values + saves of clean weights."""
+    from transformers import Trainer
+
+    class FlatTrainer(Trainer):
+        """A ``Trainer`` whose updates and saves are safe around Flat-LoRA (see the module docstring).
+
+        ``flat_callback`` (set by :func:`build_callbacks`) gives access to the engine; ``skipped_steps``
+        lists the steps (1-based: the ``checkpoint-N`` numbering) whose update was skipped.
+        """
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.flat_callback = None
+            self.skipped_steps: list[int] = []
+            self._bad_loss: float | None = None  # first non-finite loss of this window on this rank
+
+        # ---- non-finite values
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._bad_loss is None and not bool(torch.isfinite(loss).all()):
+                self._bad_loss = float(loss.float().sum())
+            if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+                # the engine has stepped inside backward; ZeRO skips a step with a non-finite grad norm
+                self._end_window(bool(self.accelerator.optimizer_step_was_skipped))
+            return loss
+
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if not self.is_deepspeed_enabled and not getattr(opt.step, "_flat_guard", False):
+                opt.step = self._guarded_step(opt, opt.step)
+            return opt
+
+        def _guarded_step(self, opt, step):
+            def guarded(*args, **kwargs):
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: local shard
+                bad = self._bad_loss is not None
+                if grads and not bad:
+                    bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+                skipped = self._end_window(any_rank(bad))
+                if hasattr(self.optimizer, "_is_overflow"):  # accelerate's flag: Trainer + scheduler skip too
+                    self.optimizer._is_overflow = skipped
+                return None if skipped else step(*args, **kwargs)
+
+            guarded._flat_guard = True
+            return guarded
+
+        def _end_window(self, skipped: bool) -> bool:
+            """Close a gradient-accumulation window; on a skip, record and warn.  Returns ``skipped``."""
+            if skipped:
+                n = self.state.global_step + 1
+                self.skipped_steps.append(n)
+                bad = self._bad_loss
+                what = f"loss ({bad})" if bad is not None else "gradients (or loss on another rank)"
+                if self._bad_loss is not None or is_main():
+                    logger.warning("step %d: non-finite %s; Flat-LoRA noise removed, optimizer and LR-scheduler "
+                                   "update skipped", n, what)  # fmt: skip
+            self._bad_loss = None
+            return skipped
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs["skipped_steps"] = len(self.skipped_steps)
+            return super().log(logs, *args, **kwargs)
+
+        # ---- saves never see perturbed base weights
+        @contextmanager
+        def clean_base(self):
+            """Restore the base weights for the body, then re-apply the same step's (identical) noise."""
+            flat = self.flat_callback.flat if self.flat_callback is not None else None
+            if flat is None or not flat.is_perturbed:
+                yield
+                return
+            step = flat.stats()["step"]
+            flat.restore()
+            try:
+                yield
+            finally:
+                flat.perturb(step)
+
+        def _save_checkpoint(self, model, trial):
+            with self.clean_base():
+                return super()._save_checkpoint(model, trial)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            with self.clean_base():
+                return super().save_model(output_dir, _internal_call)
+
+    return FlatTrainer
+
+
+@contextmanager
+def tensorboard_dir(cfg: TrainConfig):
+    """``<output_dir>/tensorboard`` for the Trainer built in the body (HF reads TENSORBOARD_LOGGING_DIR when
+    it builds its TensorBoard callback); a directory the user set in the environment wins."""
+    if "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
+    try:
+        yield
+    finally:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+
+
+def build_callbacks(trainer, cfg: TrainConfig, stop: StopRequest | None = None):
     from transformers import TrainerCallback
 
     from ..hf import FlatLoRACallback
@@ -245,15 +466,32 @@ def build_callbacks(trainer, cfg: TrainConfig):
             barrier()
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if is_main() and ckpt.is_dir():
+                write_json_atomic(ckpt / RUN_STATE, {"skipped_steps": trainer.skipped_steps})
                 marker = ckpt / COMPLETE_MARKER
                 with open(marker, "w") as f:
                     f.write(f"step {state.global_step}\n")
                     f.flush()
                     os.fsync(f.fileno())
+                rotate_checkpoints(Path(args.output_dir), cfg.save_total_limit)
             barrier()
 
+    class GracefulStop(TrainerCallback):
+        """At the end of an optimizer step, if any rank got SIGTERM: all ranks save and stop."""
+
+        def __init__(self) -> None:
+            self.stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop is not None and any_rank(stop.signum is not None):
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+
     flat = FlatLoRACallback.attach(trainer, flat_config(cfg)) if cfg.sigma > 0 else None
+    trainer.flat_callback = flat
     trainer.add_callback(CheckpointGuard())
+    trainer.graceful_stop = GracefulStop()
+    trainer.add_callback(trainer.graceful_stop)
     return flat
 
 
@@ -382,12 +620,19 @@ def save_adapter(cfg: TrainConfig, model, target: Path) -> None:
 
 # ------------------------------------------------------------------------------------ the run
 def run(cfg: TrainConfig) -> dict[str, Any]:
+    stop = StopRequest().install()
+    try:
+        return _run(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     t0 = time.time()
     resume_from, ds = preflight(cfg)
     init_distributed(cfg)
-    prepare_output_dir(cfg, resume_from)
 
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from .model import apply_lora, load_model
 
@@ -403,9 +648,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets
     )
     train, heldout, extra = load_data(cfg, tokenizer)
-    trainer = Trainer(model=model, args=args, train_dataset=train.dataset, data_collator=train.collator,
-                      eval_dataset=heldout.dataset if heldout is not None and cfg.eval_steps else None)  # fmt: skip
-    flat_cb = build_callbacks(trainer, cfg)
+    prepare_output_dir(cfg, resume_from)  # only now: a failure above leaves the output folder as it was
+    with tensorboard_dir(cfg):
+        trainer = trainer_class()(model=model, args=args, train_dataset=train.dataset, data_collator=train.collator,
+                                  eval_dataset=heldout.dataset if heldout is not None and cfg.eval_steps else None)  # fmt: skip
+    flat_cb = build_callbacks(trainer, cfg, stop)
+    if resume_from is not None and (resume_from / RUN_STATE).is_file():
+        trainer.skipped_steps = json.loads((resume_from / RUN_STATE).read_text())["skipped_steps"]
     before: dict[str, Any] = {}
 
     from transformers import TrainerCallback
@@ -423,9 +672,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     split_eval = sharded(cfg, ds)  # accuracy then comes from one unsharded copy on rank 0
     trainer.add_callback(Before())
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    out = Path(cfg.output_dir)
+    if trainer.graceful_stop.stopped_at is not None:
+        return stopped(trainer, out, stop)
     after_metrics = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra, not split_eval)
     fingerprint_after = frozen_fingerprint(trainer.model)
-    out = Path(cfg.output_dir)
     save_adapter(cfg, trainer.model, out / "adapter")
     if split_eval:
         acc_before, acc_after = gather_per_rank(rank0_accuracy(cfg, out / "adapter", heldout, extra))[0]
@@ -441,6 +692,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "backend": "deepspeed" if ds else (cfg.fsdp or "single"),
         "resumed_from": str(resume_from) if resume_from else None,
         "steps": trainer.state.global_step,
+        "skipped_steps": trainer.skipped_steps,
         "metrics_before": before.get("metrics"),
         "metrics_after": after_metrics,
         "train_loss": result.training_loss,
@@ -468,15 +720,28 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def stopped(trainer, out: Path, stop: StopRequest) -> dict[str, Any]:
+    """After a SIGTERM stop: the checkpoint is complete; no final evaluation, adapter or summary."""
+    step = trainer.graceful_stop.stopped_at
+    ckpt = out / f"checkpoint-{step}"
+    if is_main():
+        got = "SIGTERM" if stop.signum is not None else "SIGTERM on another rank"
+        print(f"stopped: {got} at step {step}/{trainer.state.max_steps}; {ckpt} is complete; "
+              "rerun with --resume to continue", file=sys.stderr)  # fmt: skip
+    barrier()
+    return {"stopped": True, "steps": step, "checkpoint": str(ckpt), "skipped_steps": trainer.skipped_steps}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line (exit 2), never a traceback."""
+    """Entry point: 0 finished; 2 user error (one ``error:`` line, never a traceback); 143 stopped on
+    SIGTERM with a complete checkpoint (rerun with ``--resume``)."""
     from .data import DataError
     from .model import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(parse_args(argv))
+        summary = run(parse_args(argv))
     except (ConfigError, RunError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return STOPPED_EXIT_CODE if summary.get("stopped") else 0
