@@ -120,11 +120,13 @@ def test_sigkill_mid_window_then_resume_equals_uninterrupted(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 2
 def test_sigterm_writes_complete_checkpoint_exits_143_and_resumes(tmp_path):
-    """SIGTERM mid-window at step 3 (not a save step): the step finishes, checkpoint-3 is written and
-    marked COMPLETE, the process exits 143 with no summary/adapter; --resume ends as uninterrupted."""
+    """SIGTERM mid-window at step 3 (not a save step), twice (as when both the process group and the
+    DeepSpeed launcher signal a rank): the step finishes, checkpoint-3 is written and marked
+    COMPLETE, the process exits 143 with no summary/adapter; --resume ends as uninterrupted."""
     ref = single_reference()
     out = tmp_path / "run"
-    code, recs, tail = subprocess_run(out, SINGLE, [{"step": 2, "micro": 2, "do": "sigterm"}])
+    twice = [{"step": 2, "micro": 1, "do": "sigterm"}, {"step": 2, "micro": 2, "do": "sigterm"}]
+    code, recs, tail = subprocess_run(out, SINGLE, twice)
     assert code == STOPPED_EXIT_CODE == 143, tail[-5000:]
     assert "stopped: SIGTERM at step 3/6" in tail and "Traceback" not in tail
     assert complete(out) == ["checkpoint-2", "checkpoint-3"]
@@ -179,6 +181,8 @@ def test_zero3_two_ranks_sigkill_sigterm_resume_equals_uninterrupted(tmp_path):
     assert s["skipped_steps"] == expected["skipped_steps"] == [2]  # carried over by the checkpoints
     final = adapter(out / "adapter")
     assert max_diff(final, adapter(ref["out"] / "adapter")) <= 1e-5
+    pre_opt = [x for recs in (killed, termed, resumed) for x in recs[0] + recs[1] if x["kind"] == "pre_opt"]
+    assert len(pre_opt) >= 12 and not any(x["perturbed"] for x in pre_opt), "engine.step ran on noisy weights"
     for r in range(2):
         chain = per_step(killed[r], termed[r], resumed[r])
         assert_same_steps(chain, per_step(ref["records"][r]), range(6))

@@ -19,11 +19,15 @@ Reliability (issue 8):
   SIGTERM): the handler only sets a flag; at the end of the current optimizer step all ranks agree
   on it (one all-reduce), write a complete checkpoint and stop.  The process then exits with
   **143** (128 + SIGTERM) without final evaluation, adapter or summary: "stopped cleanly, not
-  finished; rerun with --resume".  A second SIGTERM ends the process at once.
+  finished; rerun with --resume".  Under the ``deepspeed`` launcher, signal the process group (as
+  Slurm and ``kill -TERM -<pgid>`` do) or ``deepspeed.launcher.launch`` (which forwards SIGTERM to
+  the ranks and waits 30 s): the ``deepspeed`` command itself dies on SIGTERM and leaves the ranks
+  running.
 * **Non-finite loss or gradients**: the step's update is skipped (no optimizer or LR-scheduler step;
   the step still counts, so the noise schedule and data order go on), with a warning and the step
   listed in ``summary.json`` (``skipped_steps``).  The Flat-LoRA noise is removed before the
-  optimizer step as always.  Plain/DDP/FSDP: checked here (loss and gradients, agreed over ranks).
+  optimizer step as always (under DeepSpeed, whose engine steps inside backward, by a restore
+  placed in front of ``engine.step``).  Plain/DDP/FSDP: checked here (loss and gradients, agreed over ranks).
   DeepSpeed: the engine steps inside backward and ZeRO skips any step whose gradient norm is not
   finite (and its scheduler step); that skip is reported the same way.
 """
@@ -320,8 +324,9 @@ class StopRequest:
     """SIGTERM sets a flag (nothing else: the handler may run mid-step, with noise in the weights).
 
     ``install``/``uninstall`` swap the handler in and back out (main thread only; elsewhere, e.g. a
-    notebook worker thread, signals cannot be handled and the default behaviour stays).  A second
-    SIGTERM restores the previous handler and re-sends itself: the process ends at once.
+    notebook worker thread, signals cannot be handled and the default behaviour stays).  Repeated
+    SIGTERMs change nothing: a rank often gets two (``kill`` of the process group, then the DeepSpeed
+    launcher forwarding its own); schedulers and launchers escalate with SIGKILL.
     """
 
     def __init__(self) -> None:
@@ -341,10 +346,6 @@ class StopRequest:
             self._installed = False
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            self.uninstall()
-            os.kill(os.getpid(), signum)
-            return
         self.signum = signum
 
 
@@ -367,6 +368,8 @@ def trainer_class():
 
         # ---- non-finite values
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.is_deepspeed_enabled and not getattr(self.deepspeed.step, "_flat_guard", False):
+                self.deepspeed.step = self._restore_then(self.deepspeed.step)
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self._bad_loss is None and not bool(torch.isfinite(loss).all()):
                 self._bad_loss = float(loss.float().sum())
@@ -380,6 +383,19 @@ def trainer_class():
             if not self.is_deepspeed_enabled and not getattr(opt.step, "_flat_guard", False):
                 opt.step = self._guarded_step(opt, opt.step)
             return opt
+
+        def _restore_then(self, step):
+            """DeepSpeed steps inside ``accelerator.backward``, before ``on_pre_optimizer_step``: take the
+            noise out of the base weights first there too."""
+
+            def restore_then_step(*args, **kwargs):
+                flat = self.flat_callback.flat if self.flat_callback is not None else None
+                if flat is not None and flat.is_perturbed:
+                    flat.restore()
+                return step(*args, **kwargs)
+
+            restore_then_step._flat_guard = True
+            return restore_then_step
 
         def _guarded_step(self, opt, step):
             def guarded(*args, **kwargs):

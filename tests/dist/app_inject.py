@@ -89,7 +89,9 @@ def _callbacks(rec: Recorder):
     from transformers import TrainerCallback
 
     class Before(TrainerCallback):
-        """Runs before FlatLoRACallback's perturbation (``inf_norm``)."""
+        """Runs before FlatLoRACallback: ``inf_norm`` before its perturbation; records whether the
+        noise is still in the weights when the Trainer reaches the optimizer step (under DeepSpeed the
+        engine has stepped by then)."""
 
         def on_step_begin(self, args, state, control, **kw):
             rec.step = state.global_step
@@ -101,6 +103,12 @@ def _callbacks(rec: Recorder):
                         rec.saved_b.append((p, p.data.view(-1)[0].item()))
                         p.data.view(-1)[0] = float("inf")
                         break
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            flat = rec.trainer.flat_callback.flat if rec.trainer.flat_callback is not None else None
+            rec.write(
+                kind="pre_opt", step=state.global_step, perturbed=bool(flat is not None and flat.is_perturbed)
+            )
 
     class After(TrainerCallback):
         """Runs after FlatLoRACallback (noise is in the weights at step begin)."""
