@@ -1,0 +1,455 @@
+"""Step time and peak memory of Flat-LoRA against plain LoRA and a reference-style Flat-LoRA.
+
+    .venv/bin/python bench/overhead.py            # full run (~10 min on 2 idle cores)
+    .venv/bin/python bench/overhead.py --quick    # smoke run (~1-2 min)
+
+(a) Single process, SmolLM2-135M-Instruct, fp32, LoRA r=8 on every linear layer (210 layers, 106 M
+    base elements), ``--ga`` micro-batches of ``--micro`` x ``--seq`` random tokens per optimizer step
+    (default 4 x 256 x 4 = 4,096 tokens).  Three arms in one process, interleaved (rotating order per
+    round, so load drift on a shared machine hits all alike); medians over ``--rounds`` steps:
+
+    * ``lora``: forward/backward of every micro-batch, ``optimizer.step()``.
+    * ``flat``: this library, ``with flat.perturbed(step)`` around the whole accumulation window
+      (one draw per optimizer step, keyed noise streamed in chunks, bit-exact restore).
+    * ``reference``: the paper's implementation re-done in plain PyTorch (:class:`ReferenceFlatLoRA`):
+      per micro-batch (HF ``training_step``), reseed the *global* RNG from the wall clock, and for every
+      LoRA layer form ``W + s·B·A``, its row norms, a full-size std tensor ``norm.repeat(1, n)`` and a
+      full-size ``torch.normal(0, std)``, added in place before the forward; after the backward
+      reseed, regenerate the same noise from the stored norms and subtract it.
+
+    Both Flat arms run at factor 1 (``schedule="constant"``) so every measured step perturbs.  Inside
+    each Flat/reference step the perturb and restore calls are timed too: ``1 + (perturb + restore) /
+    LoRA step`` is a second, much less noisy estimate of the ratio (the forward/backward work is the
+    same in every arm; only the values of the weights differ).
+
+    Peak memory: torch's CPU allocator has no resettable peak counter and peak RSS cannot be reset
+    (``ru_maxrss``) and counts pages glibc keeps after ``free``; a per-arm subprocess would triple the
+    cost of an already long run.  Instead, after a warm-up step, one step per arm (one micro-batch:
+    activations are freed after each backward, so the peak of a 4-micro-batch window is the peak of
+    one micro-batch plus the tiny LoRA gradients) runs under ``torch.profiler(profile_memory=True)``;
+    the running sum of its allocation records gives the step's transient peak, added to the live
+    bytes at the step's start (parameters, buffers, optimizer state and the arm's own persistent
+    state).  On CUDA the allocator's peak counters are used.
+
+(b) 2-rank DeepSpeed ZeRO-3 and 2-rank FSDP2 (gloo, one thread per rank) on a small random Llama:
+    the workers of ``bench/ds_overhead.py`` and ``bench/fsdp_overhead.py`` are launched through their
+    own launchers and their per-rank results folded into the JSON.
+
+Writes ``--out`` (default ``bench/results/overhead.json``; ``--quick``: ``overhead_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
+from flatlora_dist.targets import find_targets  # noqa: E402
+
+TARGETS = {"time_ratio": 1.05, "memory_ratio": 1.01}
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+class ReferenceFlatLoRA:
+    """The reference implementation's perturbation, faithfully reproduced in plain PyTorch.
+
+    What it keeps between the two halves is what the paper describes: the seed and one norm vector
+    per layer.  What it does is what makes it costly: dense full-size temporaries per layer (the merged
+    weight, the repeated std tensor, the noise), the noise drawn twice (once to add, once to
+    subtract), and all of it once per micro-batch.  Its defects are kept too: the global RNG is
+    reseeded from the wall clock (runs are not reproducible and dropout depends on time), and
+    ``w + e - e`` is not an identity in floating point (the weights drift).
+    """
+
+    def __init__(self, model: torch.nn.Module, rho: float, total_steps: int, schedule: str = "cosine") -> None:
+        self.layers = [t.module for t in find_targets(model)]
+        self.rho = rho
+        self.total_steps = total_steps
+        self.schedule = schedule
+        self.micro_step = 0  # the reference counts training_step calls (micro-batches)
+        self.seed = 0
+        self.scales: list[torch.Tensor] = []
+
+    def factor(self) -> float:
+        if self.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 - math.cos(math.pi * min(self.micro_step, self.total_steps) / self.total_steps))
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        self.seed = int(time.time() * 1000) % (2**31)
+        torch.manual_seed(self.seed)
+        factor = self.factor()
+        self.scales = []
+        for mod in self.layers:
+            w = mod.base_layer.weight
+            data = w.data.clone()
+            for name in mod.active_adapters:
+                if name in mod.lora_A:
+                    data += (mod.lora_B[name].weight @ mod.lora_A[name].weight) * mod.scaling[name]
+            filter_norm = data.norm(dim=1, keepdim=True)  # (m, 1)
+            scale = factor * self.rho * filter_norm / math.sqrt(data.shape[1])
+            self.scales.append(scale)
+            std = scale.repeat(1, data.shape[1])  # full-size std tensor
+            noise = torch.normal(0, std)
+            w.data.add_(noise)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch.manual_seed(self.seed)
+        for mod, scale in zip(self.layers, self.scales):
+            w = mod.base_layer.weight
+            std = scale.repeat(1, w.shape[1])
+            noise = torch.normal(0, std)
+            w.data.sub_(noise)
+        self.micro_step += 1
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timer(acc: dict, key: str, device: str):
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def live_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Parameters, buffers, gradients and optimizer state alive between steps."""
+    n = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    n += tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    n += sum(tensor_bytes(s.values()) for s in opt.state.values())
+    return n
+
+
+def peak_transient(fn: Callable[[], None], device: str) -> int:
+    """Peak live-tensor bytes above the level at the call's start."""
+    if device.startswith("cuda"):
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())  # fmt: skip
+    cur = peak = 0
+    for e in records:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f", load avg at start {os.getloadavg()[0]:.1f}"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}"
+
+
+# ---------------------------------------------------------------------------------------- single run
+
+
+def build(args: argparse.Namespace):
+    from flatlora_dist.train.model import apply_lora, load_model
+
+    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+    model = apply_lora(model, r=args.r, alpha=2 * args.r, dropout=0.0, target_modules="all-linear")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as after some training: s*B*A enters the row norms
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    model.to(args.device).train()
+    vocab = model.config.vocab_size
+    batches = [torch.randint(0, vocab, (args.micro, args.seq), generator=g).to(args.device) for _ in range(args.ga)]
+    return model, batches
+
+
+def single_process(args: argparse.Namespace) -> dict:
+    device = args.device
+    t_load = time.perf_counter()
+    model, batches = build(args)
+    t_load = time.perf_counter() - t_load
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lora_params, lr=1e-5)
+    flat = FlatLoRA(model, FlatLoRAConfig(sigma=args.sigma, total_steps=10**6, schedule="constant"))
+    ref = ReferenceFlatLoRA(model, rho=args.sigma, total_steps=10**6, schedule="constant")
+    step_no = [0]
+
+    def fwd_bwd(x: torch.Tensor, n: int) -> None:
+        (model(input_ids=x, labels=x).loss / n).backward()
+
+    def lora_step(bs: list[torch.Tensor], acc: dict) -> None:
+        for x in bs:
+            fwd_bwd(x, len(bs))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def flat_step(bs: list[torch.Tensor], acc: dict) -> None:
+        step_no[0] += 1
+        with timer(acc, "perturb", device):
+            flat.perturb(step_no[0])
+        try:
+            for x in bs:
+                fwd_bwd(x, len(bs))
+        finally:
+            with timer(acc, "restore", device):
+                flat.restore()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def ref_step(bs: list[torch.Tensor], acc: dict) -> None:
+        for x in bs:  # the reference perturbs around every training_step (micro-batch)
+            with timer(acc, "perturb", device):
+                ref.perturb()
+            fwd_bwd(x, len(bs))
+            with timer(acc, "restore", device):
+                ref.restore()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    arms = {"lora": lora_step, "flat": flat_step, "reference": ref_step}
+    print(f"model loaded in {t_load:.1f} s; {len(flat.targets)} LoRA layers, {flat.stats()['elements']:,} base elements; "
+          f"{args.ga} x {args.micro}x{args.seq} = {args.ga * args.micro * args.seq} tokens/step", flush=True)  # fmt: skip
+
+    # warm-up (one micro-batch per arm: allocator, optimizer state, thread pools), then memory
+    for name, fn in arms.items():
+        t0 = time.perf_counter()
+        fn(batches[:1], {})
+        print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    base_live = live_bytes(model, opt)
+    flat_state = flat.stats()["state_bytes"] - flat.stats()["fixup_bytes"]  # norm buffers, alive between steps
+    memory = {}
+    for name, fn in arms.items():
+        transient = peak_transient(lambda fn=fn: fn(batches[:1], {}), device)
+        persistent = base_live + (flat_state if name == "flat" else 0)
+        memory[name] = {"transient_peak_bytes": transient, "persistent_bytes": persistent,
+                        "peak_bytes": persistent + transient}  # fmt: skip
+        print(f"memory {name}: peak {memory[name]['peak_bytes'] / 2**20:.1f} MiB "
+              f"(transient {transient / 2**20:.1f} MiB)", flush=True)  # fmt: skip
+    flat_stats = flat.stats()
+
+    # timed, interleaved rounds
+    order = list(arms)
+    times: dict[str, list[dict]] = {k: [] for k in arms}
+    for r in range(args.rounds):
+        rot = order[r % 3 :] + order[: r % 3]
+        for name in rot:
+            acc: dict = {}
+            with timer(acc, "step", device):
+                arms[name](batches, acc)
+            times[name].append(acc)
+            extra = "".join(f", {k} {v:.2f} s" for k, v in acc.items() if k != "step")
+            print(f"round {r} {name}: step {acc['step']:.1f} s{extra}", flush=True)
+
+    med = {k: statistics.median(a["step"] for a in v) for k, v in times.items()}
+    pr = {k: statistics.median(a["perturb"] + a["restore"] for a in times[k]) for k in ("flat", "reference")}
+
+    # perturb+restore alone, at the default thread count and at one thread
+    components = {}
+    threads = torch.get_num_threads()
+    for nt in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(nt)
+        for name, (p, r_) in {"flat": (lambda: flat.perturb(10**5), flat.restore),
+                              "reference": (ref.perturb, ref.restore)}.items():  # fmt: skip
+            runs = []
+            for _ in range(args.component_reps):
+                acc = {}
+                with timer(acc, "perturb", device):
+                    p()
+                with timer(acc, "restore", device):
+                    r_()
+                runs.append(acc["perturb"] + acc["restore"])
+            components[f"{name}_threads{nt}_s"] = statistics.median(runs)
+    torch.set_num_threads(threads)
+
+    lora = med["lora"]
+    res = {
+        "tokens_per_step": args.ga * args.micro * args.seq,
+        "micro": args.micro, "seq": args.seq, "ga": args.ga, "rounds": args.rounds, "r": args.r,
+        "sigma": args.sigma, "layers": len(flat.targets), "base_elements": flat_stats["elements"],
+        "median_step_s": med,
+        "steps_s": {k: [a["step"] for a in v] for k, v in times.items()},
+        "perturb_restore_s": {k: [a["perturb"] + a["restore"] for a in times[k]] for k in ("flat", "reference")},
+        "time_ratio": {"flat": med["flat"] / lora, "reference": med["reference"] / lora},
+        "time_ratio_from_components": {k: 1 + pr[k] / lora for k in pr},
+        "components_s": components,
+        "memory": memory,
+        "memory_ratio": {k: memory[k]["peak_bytes"] / memory["lora"]["peak_bytes"] for k in ("flat", "reference")},
+        "transient_ratio": {k: memory[k]["transient_peak_bytes"] / max(1, memory["lora"]["transient_peak_bytes"])
+                            for k in ("flat", "reference")},
+        "flat_stats": flat_stats,
+        "load_s": t_load,
+    }  # fmt: skip
+    return res
+
+
+# ----------------------------------------------------------------------------------------- 2 ranks
+
+
+def distributed(args: argparse.Namespace) -> dict:
+    """Fold in 2-rank ZeRO-3 and FSDP2 results from the existing benches' workers."""
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    out = {}
+    bargs = {"pairs": args.dist_pairs, "hidden": args.dist_hidden, "layers": args.dist_layers, "micro": 4,
+             "seq": args.dist_seq}  # fmt: skip
+    for name, script, common in (("zero3", "ds_overhead.py", "ds_common"), ("fsdp2", "fsdp_overhead.py", "fsdp_common")):
+        path = ROOT / "bench" / script
+        if not path.exists():
+            out[name] = {"error": f"bench/{script} not found"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            launch = __import__(common).launch
+            ranks = launch(path, 2, {"bench": bargs})
+        except Exception as e:  # noqa: BLE001 - report, keep the rest of the benchmark
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
+            print(f"{name}: FAILED {type(e).__name__}", flush=True)
+            continue
+        ratios = [r["median_flat_s"] / r["median_plain_s"] for r in ranks]
+        share = [(r["median_perturb_s"] + r["median_restore_s"]) / r["median_plain_s"] for r in ranks]
+        out[name] = {"args": bargs, "ranks": ranks, "time_ratio": max(ratios),
+                     "perturb_restore_share": max(share), "wall_s": time.perf_counter() - t0}  # fmt: skip
+        print(f"{name}: flat/plain step time {max(ratios):.3f} (worst rank), perturb+restore "
+              f"{max(share):.3f} x a plain step, {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def table(res: dict) -> str:
+    s = res.get("single")
+    lines = []
+    if s:
+        mib = 2**20
+        lines += [
+            f"Single process, SmolLM2-135M fp32, LoRA r={s['r']} all linear ({s['layers']} layers, "
+            f"{s['base_elements'] / 1e6:.1f} M base elements), {s['tokens_per_step']} tokens/step "
+            f"({s['ga']} x {s['micro']}x{s['seq']}), medians of {s['rounds']} interleaved steps:",
+            "",
+            "| arm | step time (s) | ratio vs LoRA | ratio from perturb+restore time | peak memory (MiB) | ratio | step-transient peak (MiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for arm in ("lora", "flat", "reference"):
+            m = s["memory"][arm]
+            ratio = 1.0 if arm == "lora" else s["time_ratio"][arm]
+            comp = "—" if arm == "lora" else f"{s['time_ratio_from_components'][arm]:.3f}"
+            mr = 1.0 if arm == "lora" else s["memory_ratio"][arm]
+            lines.append(f"| {arm} | {s['median_step_s'][arm]:.2f} | {ratio:.3f} | {comp} | "
+                         f"{m['peak_bytes'] / mib:.1f} | {mr:.4f} | {m['transient_peak_bytes'] / mib:.1f} |")  # fmt: skip
+        c = s["components_s"]
+        lines += ["", "perturb+restore alone (median, s): " + ", ".join(f"{k} {v:.2f}" for k, v in c.items())]
+        fs = s["flat_stats"]
+        lines.append(f"Flat-LoRA fix-ups per step: {fs['fixups']:,} elements ({fs['fixups'] / fs['elements']:.2%}), "
+                     f"{fs['fixup_bytes'] / mib:.1f} MiB; engine state {fs['state_bytes'] / mib:.1f} MiB")  # fmt: skip
+    d = res.get("dist")
+    if d:
+        lines += ["", "| 2 ranks (gloo, CPU) | Flat/LoRA step time (worst rank) | perturb+restore / LoRA step |", "|---|---|---|"]
+        for name, v in d.items():
+            if "error" in v:
+                lines.append(f"| {name} | failed: {v['error'][:120]} | |")
+            else:
+                lines.append(f"| {name} | {v['time_ratio']:.3f} | {v['perturb_restore_share']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, one round: a smoke run")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--ga", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="timed steps per arm (interleaved)")
+    ap.add_argument("--component-reps", type=int, default=3)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--sigma", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--no-single", action="store_true")
+    ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--dist-pairs", type=int, default=8)
+    ap.add_argument("--dist-hidden", type=int, default=256)
+    ap.add_argument("--dist-layers", type=int, default=4)
+    ap.add_argument("--dist-seq", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.micro, args.seq, args.ga, args.rounds, args.component_reps = 2, 64, 2, 1, 1
+        args.dist_pairs, args.dist_hidden, args.dist_layers, args.dist_seq = 2, 64, 2, 32
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "bench" / "results" / ("overhead_quick.json" if args.quick else "overhead.json")
+    t0 = time.perf_counter()
+    res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "machine": machine()}
+    print(res["machine"], flush=True)
+    if not args.no_single:
+        res["single"] = single_process(args)
+    if not args.no_dist and not args.device.startswith("cuda"):
+        res["dist"] = distributed(args)
+    s = res.get("single")
+    if s:
+        res["targets"] = {
+            "flat_time_ratio<=1.05": s["time_ratio"]["flat"] <= TARGETS["time_ratio"],
+            "flat_time_ratio_from_components<=1.05": s["time_ratio_from_components"]["flat"] <= TARGETS["time_ratio"],
+            "flat_below_reference": s["time_ratio"]["flat"] < s["time_ratio"]["reference"],
+            "flat_memory_ratio<=1.01": s["memory_ratio"]["flat"] <= TARGETS["memory_ratio"],
+        }
+    res["wall_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print()
+    print(table(res))
+    if "targets" in res:
+        print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res["targets"].items()))
+    print(f"wall time {res['wall_s']:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
