@@ -476,6 +476,9 @@ class FSDP1Backend(ShardBackend):
     def _entry(self, module: nn.Module, name: str) -> _F1 | None:
         if self._index is None:
             self._index = _fsdp1_index(self.model)
+        # a module that is its own FSDP unit (the HF Trainer's PEFT auto-wrap policy wraps every LoRA Linear)
+        # sits behind its FullyShardedDataParallel wrapper in the parent's ModuleDict
+        module = getattr(module, "_fsdp_wrapped_module", module)
         return self._index.get((id(module), name))
 
     def _weight_entry(self, target: LoraTarget) -> _F1:

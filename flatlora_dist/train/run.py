@@ -240,7 +240,12 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
 
 # ------------------------------------------------------------------------------------ set-up
 def init_distributed(cfg: TrainConfig) -> None:
-    """Start the process group the launcher asked for (DeepSpeed needs it before TrainingArguments)."""
+    """Start the process group the launcher asked for (DeepSpeed needs it before TrainingArguments); under
+    ``accelerate launch`` with an FSDP config, set ``cfg.fsdp`` to the kind it asked for."""
+    if not cfg.ds_config:
+        from .fsdp_args import resolve_fsdp
+
+        resolve_fsdp(cfg)
     if not cfg.ds_config or (dist.is_available() and dist.is_initialized()):
         return
     import deepspeed
@@ -284,7 +289,7 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
         from .fsdp_args import fsdp_training_kwargs
 
         kwargs.update(fsdp_training_kwargs(cfg))
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=cfg.output_dir,
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_train_epochs,
@@ -318,6 +323,11 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
         ddp_find_unused_parameters=False,
         **kwargs,
     )
+    if cfg.fsdp:
+        from .fsdp_args import cpu_fsdp_state
+
+        cpu_fsdp_state(args, cfg.fsdp)  # CPU only: accelerate 1.15 drops FSDP there (see fsdp_args)
+    return args
 
 
 class StopRequest:
@@ -628,7 +638,12 @@ def save_adapter(cfg: TrainConfig, model, target: Path) -> None:
     if is_main():
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if cfg.fsdp:  # PEFT's save_pretrained writes an empty adapter under nested FSDP1 units
+            from ..shards.fsdp import save_adapter as save_fsdp_adapter
+
+            save_fsdp_adapter(model, tmp, state_dict=state)
+        else:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     barrier()
