@@ -13,15 +13,19 @@ load drifts hit every arm alike.
 1. ``sentiment``: all-MiniLM-L6-v2 (mean pooling, as the checkpoint was trained) with LoRA r=8 on
    ``query``/``value`` and a trained linear head; VADER movie-review sentences.  In-domain test
    accuracy (movie ``test`` split) and out-of-domain accuracy on the Amazon review snippets.
-2. ``math``: SmolLM2-135M-Instruct with LoRA r=8 (all linear layers by default) on the
+2. ``math``: SmolLM2-135M-Instruct with LoRA r=8 (``q_proj``/``v_proj`` by default: all linear
+   layers triple the per-step noise cost, which this CPU budget cannot pay) on the
    ``gsm_symbolic`` math task: loss per response token on the held-out templates (``test`` split).
    Greedy accuracy only with ``--math-accuracy N`` (it is ~0 at this size and training length).
 3. Flatness probe (:func:`flatlora_dist.probe.flatness_probe`) of every trained model: rise of the
    validation loss when the merged LoRA-layer weights get filter-wise noise of relative size rho;
    ``flatness.png`` plots the curves (mean ± std over seeds) of every arm.
 
-Results go to ``<out>/generalization.json`` (every run, written after each run; ``--resume`` skips runs
-already there) and ``<out>/flatness.png``; the summary tables are printed as Markdown.
+The two parts run as two concurrent single-threaded processes (``--jobs 2``): on a shared 2-core box
+one torch thread per process avoids the stalls 2-thread OpenMP regions suffer whenever another
+process takes a core.  Each writes ``<out>/generalization_<part>.json`` after every run (``--resume``
+skips runs already there); then they are merged into ``<out>/generalization.json``, the tables into
+``<out>/generalization.md`` (also printed) and the curves into ``<out>/flatness.png``.
 """
 
 from __future__ import annotations
@@ -48,10 +52,10 @@ from flatlora_dist.probe import flatness_probe  # noqa: E402
 
 FULL = {
     "seeds": 5,
-    "sent_steps": 200, "sent_batch": 16, "sent_lr": 1e-3, "sent_max_len": 64,
-    "sent_test": 2000, "sent_ood": 2000, "sent_probe": 300, "sent_draws": 3,
-    "math_steps": 12, "math_ga": 2, "math_lr": 1e-3, "math_max_len": 256,
-    "math_test": 24, "math_probe": 8, "math_draws": 1,
+    "sent_steps": 120, "sent_batch": 16, "sent_lr": 1e-3, "sent_max_len": 64,
+    "sent_test": 1000, "sent_ood": 1000, "sent_probe": 200, "sent_draws": 2,
+    "math_steps": 10, "math_ga": 2, "math_lr": 1e-3, "math_max_len": 256,
+    "math_test": 16, "math_probe": 6, "math_draws": 1,
 }  # fmt: skip
 QUICK = {
     "seeds": 2,
@@ -472,15 +476,19 @@ def machine() -> str:
 def run_part(part: str, cfg: dict, args: argparse.Namespace, json_path: Path) -> None:
     """Every (seed, arm) run of one part, in this process; the JSON is rewritten after each run."""
     seeds = list(range(cfg["seeds"]))
+    todo = [int(v) for v in args.seed_list.split(",")] if args.seed_list else seeds
     runs: dict = {}
-    if args.resume and json_path.exists():
-        runs = json.loads(json_path.read_text()).get("runs", {}).get(part, {})
+    if args.resume:  # runs already in any file of this part (a split run writes one file per seed subset)
+        base = json_path.stem.split("_seeds")[0]
+        for p in sorted(json_path.parent.glob(f"{base}*.json")):
+            runs.update(json.loads(p.read_text()).get("runs", {}).get(part, {}))
+        runs = {k: v for k, v in runs.items() if int(k.split("/")[1]) in todo}
     meta = {"command": command_line(), "machine": machine(), "config": cfg, "sigmas": args.sigmas, "seeds": seeds,
             "radii": list(RADII), "math_targets": args.math_targets, "threads": torch.get_num_threads()}  # fmt: skip
     start = time.perf_counter()
     bench = SentimentBench(cfg) if part == "sentiment" else MathBench(cfg, args.math_targets)
     print(f"{part}: {meta['machine']}; config {cfg}", flush=True)
-    for seed in seeds:
+    for seed in todo:
         for sigma in [0.0, *args.sigmas]:
             key = f"{arm_name(sigma)}/{seed}"
             if key in runs:
@@ -498,13 +506,12 @@ def run_part(part: str, cfg: dict, args: argparse.Namespace, json_path: Path) ->
 def report(paths: list[Path], out_json: Path, png: Path, md: Path, sigmas: list[float], seeds: list[int]) -> str:
     """Merge per-part JSONs into one, plot the flatness curves, write the Markdown tables."""
     merged: dict = {"meta": {}, "runs": {}}
-    for p in paths:
-        if not p.exists():
-            continue
-        d = json.loads(p.read_text())
-        for part, runs in d["runs"].items():
-            merged["runs"][part] = runs
-            merged["meta"][part] = d["meta"]
+    for path in paths:
+        for p in sorted(path.parent.glob(f"{path.stem}*.json")):  # <stem>_<part>.json and seed subsets
+            d = json.loads(p.read_text())
+            for part, runs in d["runs"].items():
+                merged["runs"].setdefault(part, {}).update(runs)
+                merged["meta"].setdefault(part, {})[p.name] = d["meta"]
     summary = summarize(merged["runs"], sigmas, seeds)
     merged["summary"] = summary
     out_json.write_text(json.dumps(merged, indent=1))
@@ -524,7 +531,7 @@ def main() -> None:
     ap.add_argument("--parts", default="sentiment,math")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1])
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 5; quick 2)")
-    ap.add_argument("--math-targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    ap.add_argument("--math-targets", default="q_proj,v_proj", help="'all-linear' or comma-separated module names")
     ap.add_argument("--math-accuracy", type=int, default=0, help="greedy accuracy on N held-out problems (slow)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override sizes: {sorted(FULL)}")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -532,6 +539,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="parts run as this many concurrent processes")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default 2 // jobs)")
     ap.add_argument("--report-only", action="store_true", help="only merge the per-part JSONs, plot, tabulate")
+    ap.add_argument("--seed-list", default=None, help="run only these seeds (comma-separated), into their own JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -555,7 +563,10 @@ def main() -> None:
 
     if args.worker:
         torch.set_num_threads(threads)
-        run_part(args.worker, cfg, args, part_json[args.worker])
+        path = part_json[args.worker]
+        if args.seed_list:
+            path = path.with_name(f"{path.stem}_seeds{args.seed_list.replace(',', '-')}.json")
+        run_part(args.worker, cfg, args, path)
         return
     start = time.perf_counter()
     if not args.report_only:
@@ -566,10 +577,14 @@ def main() -> None:
         while pending or running:
             while pending and len(running) < jobs:
                 part = pending.pop(0)
-                log = open(args.out / f"{stem}_{part}.log", "w")  # noqa: SIM115 - closed below
+                suffix = f"_seeds{args.seed_list.replace(',', '-')}" if args.seed_list else ""
+                log = open(args.out / f"{stem}_{part}{suffix}.log", "w")  # noqa: SIM115 - closed below
                 cmd = [sys.executable, *sys.argv, "--worker", part, "--threads", str(threads)]
                 print(f"started {part}: log {log.name}", flush=True)
-                running.append((part, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+                # one noise-drawing thread per process too (same values; see flatlora_dist.noise)
+                env = {**os.environ, "FLATLORA_NOISE_THREADS": os.environ.get("FLATLORA_NOISE_THREADS", "0")}
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((part, proc, log))
             time.sleep(2)
             for item in list(running):
                 part, proc, log = item

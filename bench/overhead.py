@@ -286,6 +286,29 @@ def single_process(args: argparse.Namespace) -> dict:
             extra = "".join(f", {k} {v:.2f} s" for k, v in acc.items() if k != "step")
             print(f"round {r} {name}: step {acc['step']:.1f} s{extra}", flush=True)
 
+    # Forward+backward of one micro-batch on clean vs perturbed weights, interleaved: the
+    # perturb+restore estimate assumes the compute itself costs the same in every arm.
+    fb: dict[str, list[float]] = {"clean": [], "flat": [], "reference": []}
+    x = batches[0]
+    for i in range(args.fb_reps):
+        for name in ("clean", "flat", "reference")[i % 3 :] + ("clean", "flat", "reference")[: i % 3]:
+            if name == "flat":
+                flat.perturb(10**4 + i)
+            elif name == "reference":
+                ref.perturb()
+            acc = {}
+            with timer(acc, "fb", device):
+                fwd_bwd(x, 1)
+            fb[name].append(acc["fb"])
+            if name == "flat":
+                flat.restore()
+            elif name == "reference":
+                ref.restore()
+        opt.zero_grad(set_to_none=True)
+    if args.fb_reps:
+        print("forward+backward of one micro-batch (median s): "
+              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in fb.items()), flush=True)  # fmt: skip
+
     med = {k: statistics.median(a["step"] for a in v) for k, v in times.items()}
     pr = {k: statistics.median(a["perturb"] + a["restore"] for a in times[k]) for k in ("flat", "reference")}
 
@@ -317,11 +340,15 @@ def single_process(args: argparse.Namespace) -> dict:
         "perturb_restore_s": {k: [a["perturb"] + a["restore"] for a in times[k]] for k in ("flat", "reference")},
         "time_ratio": {"flat": med["flat"] / lora, "reference": med["reference"] / lora},
         "time_ratio_from_components": {k: 1 + pr[k] / lora for k in pr},
+        "time_ratio_paired_rounds": {k: statistics.median(a["step"] / b["step"] for a, b in zip(times[k], times["lora"]))
+                                     for k in ("flat", "reference")},
         "components_s": components,
         "memory": memory,
         "memory_ratio": {k: memory[k]["peak_bytes"] / memory["lora"]["peak_bytes"] for k in ("flat", "reference")},
         "transient_ratio": {k: memory[k]["transient_peak_bytes"] / max(1, memory["lora"]["transient_peak_bytes"])
                             for k in ("flat", "reference")},
+        "micro_fwd_bwd_s": fb,
+        "micro_fwd_bwd_median_s": {k: statistics.median(v) for k, v in fb.items() if v},
         "flat_stats": flat_stats,
         "load_s": t_load,
     }  # fmt: skip
@@ -372,16 +399,21 @@ def table(res: dict) -> str:
             f"{s['base_elements'] / 1e6:.1f} M base elements), {s['tokens_per_step']} tokens/step "
             f"({s['ga']} x {s['micro']}x{s['seq']}), medians of {s['rounds']} interleaved steps:",
             "",
-            "| arm | step time (s) | ratio vs LoRA | ratio from perturb+restore time | peak memory (MiB) | ratio | step-transient peak (MiB) |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | step time (s) | ratio of medians | median of per-round ratios | ratio from perturb+restore time "
+            "| peak memory (MiB) | ratio | step-transient peak (MiB) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for arm in ("lora", "flat", "reference"):
             m = s["memory"][arm]
             ratio = 1.0 if arm == "lora" else s["time_ratio"][arm]
             comp = "—" if arm == "lora" else f"{s['time_ratio_from_components'][arm]:.3f}"
+            pair = "—" if arm == "lora" else f"{s['time_ratio_paired_rounds'][arm]:.3f}"
             mr = 1.0 if arm == "lora" else s["memory_ratio"][arm]
-            lines.append(f"| {arm} | {s['median_step_s'][arm]:.2f} | {ratio:.3f} | {comp} | "
+            lines.append(f"| {arm} | {s['median_step_s'][arm]:.2f} | {ratio:.3f} | {pair} | {comp} | "
                          f"{m['peak_bytes'] / mib:.1f} | {mr:.4f} | {m['transient_peak_bytes'] / mib:.1f} |")  # fmt: skip
+        if s.get("micro_fwd_bwd_median_s"):
+            lines += ["", f"forward+backward of one {s['micro']}x{s['seq']} micro-batch, clean vs perturbed weights (median s): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in s["micro_fwd_bwd_median_s"].items())]  # fmt: skip
         c = s["components_s"]
         lines += ["", "perturb+restore alone (median, s): " + ", ".join(f"{k} {v:.2f}" for k, v in c.items())]
         fs = s["flat_stats"]
@@ -405,8 +437,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--ga", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3, help="timed steps per arm (interleaved)")
+    ap.add_argument("--rounds", type=int, default=6, help="timed steps per arm (interleaved)")
     ap.add_argument("--component-reps", type=int, default=3)
+    ap.add_argument("--fb-reps", type=int, default=6, help="micro-batch fwd/bwd: clean vs perturbed weights")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -419,7 +452,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
-        args.micro, args.seq, args.ga, args.rounds, args.component_reps = 2, 64, 2, 1, 1
+        args.micro, args.seq, args.ga, args.rounds, args.component_reps, args.fb_reps = 2, 64, 2, 1, 1, 2
         args.dist_pairs, args.dist_hidden, args.dist_layers, args.dist_seq = 2, 64, 2, 32
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
@@ -435,10 +468,12 @@ def main() -> None:
         res["dist"] = distributed(args)
     s = res.get("single")
     if s:
+        comp, direct = s["time_ratio_from_components"], s["time_ratio"]
         res["targets"] = {
-            "flat_time_ratio<=1.05": s["time_ratio"]["flat"] <= TARGETS["time_ratio"],
-            "flat_time_ratio_from_components<=1.05": s["time_ratio_from_components"]["flat"] <= TARGETS["time_ratio"],
-            "flat_below_reference": s["time_ratio"]["flat"] < s["time_ratio"]["reference"],
+            "flat_time_ratio<=1.05 (perturb+restore estimate)": comp["flat"] <= TARGETS["time_ratio"],
+            "flat_time_ratio<=1.05 (step-time medians)": direct["flat"] <= TARGETS["time_ratio"],
+            "flat_below_reference (perturb+restore estimate)": comp["flat"] < comp["reference"],
+            "flat_below_reference (step-time medians)": direct["flat"] < direct["reference"],
             "flat_memory_ratio<=1.01": s["memory_ratio"]["flat"] <= TARGETS["memory_ratio"],
         }
     res["wall_s"] = time.perf_counter() - t0
