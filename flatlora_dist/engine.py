@@ -132,7 +132,8 @@ class FlatLoRA:
             msg = "non-finite row norm of W + s*B*A"
             if not self.config.skip_nonfinite:
                 raise FloatingPointError(msg)
-            warnings.warn(f"Flat-LoRA: {msg}; this step runs without perturbation", RuntimeWarning, stacklevel=3)
+            # stacklevel: _row_std <- perturb <- torch.no_grad's wrapper <- the caller's line
+            warnings.warn(f"Flat-LoRA: {msg}; this step runs without perturbation", RuntimeWarning, stacklevel=4)
             self._stats["skipped"] = 1
             return None
         std = norms.mul_(amp).div_(self._in_features.sqrt())

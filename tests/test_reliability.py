@@ -48,8 +48,9 @@ def test_engine_skips_perturbation_on_nonfinite_row_norm(bad):
     b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     good = b.data[0, 0].item()
     b.data[0, 0] = bad
-    with pytest.warns(RuntimeWarning, match="non-finite row norm"):
+    with pytest.warns(RuntimeWarning, match="non-finite row norm") as caught:
         flat.perturb(3)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert flat.is_perturbed and flat.stats()["skipped"] == 1 and flat.stats()["mean_row_std"] == 0
     assert fingerprint(model) == clean
     flat.restore()
