@@ -30,3 +30,15 @@ def test_load_in_4bit_with_zero3_is_refused_at_start(tmp_path, capsys):
                  "--output_dir", str(tmp_path / "x")])  # fmt: skip
     assert code == 2
     assert "--load_in_4bit with ZeRO-3 or FSDP" in capsys.readouterr().err
+
+
+def test_load_in_4bit_under_an_accelerate_fsdp_config_is_refused_at_start(tmp_path, capsys, monkeypatch):
+    """`accelerate launch --config_file launch/accelerate/fsdp2.yaml` exports FSDP_* instead of passing
+    --fsdp: the 4-bit refusal must see it too, before the model is loaded or the folder touched."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = tmp_path / "x"
+    code = main(["--model", "tiny", "--load_in_4bit", "--output_dir", str(out)])
+    assert code == 2
+    assert "--load_in_4bit with ZeRO-3 or FSDP" in capsys.readouterr().err
+    assert not out.exists()

@@ -225,10 +225,13 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
         raise RunError(f"--task must be 'math' or 'sentiment' (or give --data FILE.jsonl), got {cfg.task!r}")
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise RunError("--load_in_4bit needs bitsandbytes: pip install 'flatlora_dist[qlora]'")
-    if cfg.load_in_4bit and (cfg.fsdp or (ds and ds.get("zero_optimization", {}).get("stage", 0) == 3)):
+    from .fsdp_args import fsdp_from_env
+
+    fsdp = cfg.fsdp or fsdp_from_env()  # --fsdp, or an accelerate launch FSDP config
+    if cfg.load_in_4bit and (fsdp or (ds and ds.get("zero_optimization", {}).get("stage", 0) == 3)):
         raise RunError("--load_in_4bit with ZeRO-3 or FSDP is not supported by Flat-LoRA (4-bit bases cannot be "
                        "sharded and perturbed); use QLoRA single-process/DDP/ZeRO-2, or a bf16 base with ZeRO-3/FSDP")  # fmt: skip
-    if cfg.merge and (cfg.ds_config or cfg.fsdp or world_size() > 1):
+    if cfg.merge and (cfg.ds_config or fsdp or world_size() > 1):
         raise RunError("--merge writes a merged model from a single process; run without DeepSpeed/FSDP "
                        "(or merge the saved adapter afterwards)")  # fmt: skip
     if cfg.merge and cfg.load_in_4bit:
