@@ -8,11 +8,13 @@ built, see ``tests/dist/app_fsdp_run.py``):
 * two ``torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 --rdzv_backend c10d`` agents on loopback
   (a real two-node rendezvous), ``--fsdp fsdp2``;
 * ``accelerate launch --config_file launch/accelerate/fsdp2.yaml`` (no ``--fsdp``: the YAML decides);
-* HSDP 2x2: ``PARALLELISM_CONFIG_DP_SHARD_SIZE=2 torchrun --nproc_per_node 4 ... --fsdp hsdp``.
+* HSDP 2x2: ``PARALLELISM_CONFIG_DP_SHARD_SIZE=2 torchrun --nproc_per_node 4 ... --fsdp hsdp``;
+* determinism: ``--fsdp fsdp2 --lora_dropout 0`` on 1 rank x batch 4 and on 2 ranks x batch 2, with the
+  per-step recorder of ``tests/dist/app_inject.py``.
 
-All 2-rank runs are the same computation (same seed, data, global batch), so their per-step losses (from
-the checkpoint's ``trainer_state.json``) and adapters must agree.  The fast tests at the top check
-``flatlora_dist.train.fsdp_args`` without processes.
+All 2-rank runs but the determinism pair are the same computation (same seed, data, global batch), so their
+per-step losses (from the checkpoint's ``trainer_state.json``) and adapters must agree.  The fast tests at the
+top check ``flatlora_dist.train.fsdp_args`` without processes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ DIST = Path(__file__).parent / "dist"
 ROOT = DIST.parent.parent
 sys.path.insert(0, str(DIST))
 
+from app_common import per_step  # noqa: E402
+from app_inject import read_records  # noqa: E402
 from fsdp_common import free_port  # noqa: E402
 
 from flatlora_dist.train.config import ConfigError, parse_args  # noqa: E402
@@ -41,6 +45,7 @@ ARGS = ["--model", "tiny", "--train_limit", "16", "--eval_limit", "4", "--eval_g
         "--max_length", "384", "--report_to", "none", "--logging_steps", "1", "--max_steps", str(STEPS),
         "--save_steps", str(STEPS)]  # fmt: skip
 LORA_TENSORS = 2 * 7 * 2  # tiny Llama: 2 layers x 7 projections x (A, B)
+DETERMINISM = ["--fsdp", "fsdp2", "--lora_dropout", "0"]
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -82,8 +87,10 @@ def test_fsdp_kwargs_and_refusals(clean_env):
         fsdp_training_kwargs(parse_args(["--fsdp", "fsdp1"]))
     clean_env.delenv("ACCELERATE_USE_FSDP")
     clean_env.setenv("WORLD_SIZE", "1")
-    with pytest.raises(ConfigError, match="at least 2 processes"):
-        fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))
+    with pytest.raises(ConfigError, match="needs a launcher"):
+        fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))  # one process that no launcher started
+    clean_env.setenv("LOCAL_RANK", "0")  # torchrun --nproc_per_node 1: a 1-rank FSDP run
+    assert fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))["fsdp_config"]["version"] == 2
 
 
 def test_hsdp_sizes(clean_env):
@@ -138,6 +145,18 @@ def torchrun(out: Path, args: list[str], nproc: int = 2, **env: str) -> dict:
     return _result(out, [_start(cmd, _env(out.parent / f"{out.name}.record", **env), out.parent / f"{out.name}.log")], nproc)
 
 
+def recorded(out: Path, batch: int) -> dict:
+    """``torchrun --fsdp fsdp2 --lora_dropout 0``, global batch 4 (``4 // batch`` ranks x ``batch``), with the
+    per-step recorder of ``app_inject`` too: ``records`` per rank (loss, LR, factor, and at each step the sum
+    of squared noise in the rank's stored base elements)."""
+    nproc = 4 // batch
+    record = out.parent / f"{out.name}.steps.rank{{rank}}.jsonl"
+    args = [*DETERMINISM, "--per_device_train_batch_size", str(batch)]
+    run = torchrun(out, args, nproc, APP_INJECT=json.dumps({"record": str(record)}))
+    run["records"] = [read_records(str(record).format(rank=r)) for r in range(nproc)]
+    return run
+
+
 def two_nodes(out: Path, args: list[str]) -> dict:
     """Two torchrun agents (``--nnodes 2``, one process each) meeting through a c10d rendezvous on loopback."""
     port = free_port()
@@ -169,6 +188,10 @@ def runs(tmp_path_factory):
         "two_nodes": lambda: two_nodes(base / "two_nodes", ["--fsdp", "fsdp2"]),
         "accelerate_fsdp2": lambda: accelerate_launch(base / "accelerate_fsdp2", "fsdp2", []),
         "hsdp": lambda: torchrun(base / "hsdp", ["--fsdp", "hsdp"], nproc=4, PARALLELISM_CONFIG_DP_SHARD_SIZE="2"),
+        # LoRA dropout off: each rank draws its masks from its own RNG stream (same seed on every rank), so
+        # with dropout 1 x 4 and 2 x 2 are different computations (measured: adapters 1.3e-3 apart)
+        "fsdp2_1x4": lambda: recorded(base / "fsdp2_1x4", batch=4),
+        "fsdp2_2x2": lambda: recorded(base / "fsdp2_2x2", batch=2),
     }
 
     def get(name: str) -> dict:
@@ -293,3 +316,34 @@ def test_torchrun_hsdp_2x2(runs):
     for r in run["ranks"]:
         assert r["mesh_shape"] == [2, 2] and r["reduce_group_size"] == 2
     check_adapter_loads(run)
+
+
+@pytest.mark.slow
+def test_fsdp2_world_size_1_equals_2(runs):
+    """FSDP2, same global batch (4 x 1 rank vs 2 x 2 ranks; torchrun --nproc_per_node 1 is a real 1-rank FSDP2
+    run: DTensor weights on a mesh of 1): same adapter within tolerance; per step the same factor, LR and row
+    std, the same loss, and the noise in the single rank's weights equals the sum over the two ranks' shards
+    (noise keyed by global index, whatever the world size)."""
+    one, two = runs("fsdp2_1x4"), runs("fsdp2_2x2")
+    check_run(two, kind="fsdp2", backend="fsdp2")
+    s = one["summary"]
+    assert s["backend"] == "fsdp2" and s["world_size"] == 1 and s["steps"] == STEPS
+    assert s["skipped_steps"] == [] and s["flatlora"]["backends"] == "fsdp2"
+    assert s["base_weights_unchanged"] is True
+    (r,) = one["ranks"]
+    assert r["fsdp_version"] == 2 and r["fsdp2_units"] > 2
+    assert r["weight_type"] == "DTensor" and r["mesh_shape"] == [1] and r["backend"] == "fsdp2"
+    saved = check_adapter_loads(one)
+    other = adapter(two)
+    diff = max(float((saved[k].double() - other[k].double()).abs().max()) for k in saved)
+    assert diff <= 1e-6, diff  # measured 2e-8 (factors ~0.1): reduction order only
+    a, r0, r1 = per_step(one["records"][0]), per_step(two["records"][0]), per_step(two["records"][1])
+    assert sorted(a["logs"]) == sorted(r0["logs"]) == list(range(1, STEPS + 1))
+    for step in range(STEPS):
+        la, lb = a["logs"][step + 1], r0["logs"][step + 1]  # a step's log line is filed under its end step
+        assert la["flatlora/factor"] == lb["flatlora/factor"] and la["learning_rate"] == lb["learning_rate"]
+        assert la["flatlora/mean_row_std"] == pytest.approx(lb["flatlora/mean_row_std"], rel=1e-6)
+        assert la["loss"] == pytest.approx(lb["loss"], rel=1e-6)  # measured 8e-8 (step 1), equal after
+        # measured 0, 2e-16, 8e-10 relative: summation order, then the factors' 2e-8 difference (row norms)
+        assert a["noise"][step] == pytest.approx(r0["noise"][step] + r1["noise"][step], rel=1e-6, abs=1e-12)
+    assert a["noise"][STEPS - 1] > 0 and r0["noise"][STEPS - 1] > 0 and r1["noise"][STEPS - 1] > 0

@@ -68,14 +68,16 @@ def fsdp_from_env() -> str | None:
 def resolve_fsdp(cfg) -> str | None:
     """``cfg.fsdp``, or the kind an ``accelerate launch`` FSDP config set; sets ``cfg.fsdp`` and returns it.
 
-    Raises ``ConfigError`` when ``--fsdp`` contradicts the launcher's config, or for FSDP on one process."""
+    Raises ``ConfigError`` when ``--fsdp`` contradicts the launcher's config, or for FSDP in one process that
+    no launcher started (``torchrun --nproc_per_node 1`` sets ``LOCAL_RANK``: a legitimate 1-rank FSDP
+    run)."""
     env = fsdp_from_env()
     if cfg.fsdp and env and cfg.fsdp != env:
         raise ConfigError(f"--fsdp {cfg.fsdp} contradicts the accelerate config ({env}); drop --fsdp or use "
                           f"launch/accelerate/{cfg.fsdp}.yaml")  # fmt: skip
     cfg.fsdp = cfg.fsdp or env
-    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise ConfigError(f"--fsdp {cfg.fsdp} needs at least 2 processes: launch with torchrun --nproc_per_node N "
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(f"--fsdp {cfg.fsdp} needs a launcher: start it with torchrun --nproc_per_node N "
                           "(or accelerate launch --config_file launch/accelerate/<fsdp>.yaml)")  # fmt: skip
     return cfg.fsdp
 

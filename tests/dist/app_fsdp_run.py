@@ -4,7 +4,8 @@ Runs the application's ``main`` unchanged; at ``on_train_end`` (wrapped model st
 alive) every rank writes ``$APP_FSDP_RECORD/rank<r>.json``: the process group, how the model is wrapped
 (FSDP2 ``fully_shard`` units / FSDP1 ``FullyShardedDataParallel`` units, LoRA layers as their own units),
 the mesh of a base weight, the Flat-LoRA backend and the size of its norm-reduction group, and what
-accelerate's state says.  Used by ``tests/test_fsdp_app.py`` under torchrun and accelerate launch.
+accelerate's state says.  Used by ``tests/test_fsdp_app.py`` under torchrun and accelerate launch.  With
+``APP_INJECT`` set (JSON, see ``app_inject.py``) the per-step recorder of ``app_run.py`` is installed too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -72,6 +73,10 @@ def install(record_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("APP_INJECT"):
+        import app_inject
+
+        app_inject.install(json.loads(os.environ["APP_INJECT"]))
     if os.environ.get("APP_FSDP_RECORD"):
         Path(os.environ["APP_FSDP_RECORD"]).mkdir(parents=True, exist_ok=True)
         install(os.environ["APP_FSDP_RECORD"])
