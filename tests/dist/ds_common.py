@@ -3,19 +3,18 @@
 - ``tiny_model``: a random 2-layer Llama (hidden 64) with PEFT LoRA on all projections, B randomised.
 - ``load_ds_config``: a file from ``ds_configs/`` with its HF-style ``"auto"`` values filled in.
 - ``launch``: start ``world`` worker processes over gloo (free port, one thread each) and collect the
-  JSON each rank writes.
+  JSON each rank writes (``launcher.launch`` with the DeepSpeed CPU environment of ``worker_env``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from launcher import free_port  # noqa: F401 - re-exported for app_common
+from launcher import launch as _launch
+from launcher import worker_env as _worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,62 +101,17 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
     """Environment of one CPU rank: gloo rendezvous, one thread, cached DeepSpeed JIT builds."""
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"),
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
+    env = _worker_env(rank, world, port)
+    env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.setdefault("DS_BUILD_OPS", "0")
     return env
 
 
-def launch(script: str | Path, world: int, args: dict[str, Any], timeout: float = 600) -> list[dict[str, Any]]:
-    """Run ``script`` as ``world`` ranks; each rank writes ``<out>/rank<r>.json``; return them by rank.
-
-    The script receives ``args`` as one JSON argument and the output folder as the second.  Raises
-    ``RuntimeError`` with the ranks' output tails when any rank fails or times out.
-    """
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="flatlora_ds_") as out:
-        procs, logs = [], []
-        for r in range(world):
-            log = open(Path(out) / f"log{r}.txt", "w+")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [sys.executable, str(script), json.dumps(args), out]
-            procs.append(subprocess.Popen(cmd, env=worker_env(r, world, port), stdout=log, stderr=subprocess.STDOUT))
-        failed = []
-        for r, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                rc = "timeout"
-            if rc != 0:
-                failed.append((r, rc))
-        tails = []
-        for r, log in enumerate(logs):
-            log.seek(0)
-            tails.append(f"--- rank {r} ---\n" + log.read()[-6000:])
-            log.close()
-        if failed:
-            raise RuntimeError(f"ranks failed {failed} for {args}:\n" + "\n".join(tails))
-        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
+def launch(
+    script: str | Path, world: int, args: dict[str, Any], timeout: float = 600
+) -> list[dict[str, Any]]:
+    """Run ``script`` as ``world`` DeepSpeed CPU ranks (:func:`launcher.launch` with :func:`worker_env`)."""
+    return _launch(script, world, args, env=worker_env, prefix="flatlora_ds_", timeout=timeout)

@@ -6,20 +6,18 @@
 - ``wrap``: FSDP2 (``fully_shard`` per decoder layer + root, or root only), FSDP1 (``use_orig_params``,
   transformer auto-wrap or root only, any sharding strategy) and HSDP (2-D mesh) for either.
 - ``launch``: start ``world`` worker processes over gloo on loopback (free port, one thread each) and
-  collect the JSON each rank writes.
+  collect the JSON each rank writes (``launcher.launch`` with this module's ``worker_env``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from launcher import free_port  # noqa: F401 - re-exported for the tests
+from launcher import launch as _launch
+from launcher import worker_env as _worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,62 +113,13 @@ def wrap(model, kind: str, *, world: int, replicas: int = 1, layers: bool = True
     )
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
-    """Environment of one CPU rank: gloo rendezvous on loopback, one thread."""
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "dist"), env.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep
-        ),
-    )
-    return env
+    """Environment of one CPU rank: gloo rendezvous on loopback, one thread, ``tests/dist`` importable."""
+    return _worker_env(rank, world, port, paths=(ROOT, ROOT / "tests" / "dist"))
 
 
-def launch(script: str | Path, world: int, args: dict[str, Any], timeout: float = 600) -> list[dict[str, Any]]:
-    """Run ``script`` as ``world`` ranks; each writes ``<out>/rank<r>.json``; return them by rank.
-
-    The script gets ``args`` as one JSON argument and the output folder as the second.  Raises
-    ``RuntimeError`` with every failed rank's output tail when a rank fails or times out.
-    """
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="flatlora_fsdp_") as out:
-        procs, logs = [], []
-        for r in range(world):
-            log = open(Path(out) / f"log{r}.txt", "w+")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [sys.executable, str(script), json.dumps(args), out]
-            procs.append(subprocess.Popen(cmd, env=worker_env(r, world, port), stdout=log, stderr=subprocess.STDOUT))
-        failed = []
-        for r, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                rc = "timeout"
-            if rc != 0:
-                failed.append(r)
-        tails = {}
-        for r, log in enumerate(logs):
-            log.seek(0)
-            tails[r] = log.read()[-4000:]
-            log.close()
-        if failed:
-            logs_text = "\n".join(f"--- rank {r}\n{tails[r]}" for r in failed)
-            raise RuntimeError(f"ranks {failed} failed:\n{logs_text}")
-        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
+def launch(
+    script: str | Path, world: int, args: dict[str, Any], timeout: float = 600
+) -> list[dict[str, Any]]:
+    """Run ``script`` as ``world`` FSDP CPU ranks (:func:`launcher.launch` with :func:`worker_env`)."""
+    return _launch(script, world, args, env=worker_env, prefix="flatlora_fsdp_", timeout=timeout)
