@@ -13,18 +13,15 @@ are drawn whole by every rank).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 
 from ds_common import launch, load_ds_config, tiny_model  # noqa: E402
+from timing import interleaved_steps, main_or_worker, parse_args, setup_line, step_line, step_medians  # noqa: E402
 
 
 def worker(args: dict, out_dir: Path) -> None:
@@ -44,41 +41,13 @@ def worker(args: dict, out_dir: Path) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     flat = FlatLoRA(engine, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
     plain = FlatLoRA(engine, FlatLoRAConfig(sigma=0.0, total_steps=1000))
-    gen = torch.Generator().manual_seed(rank)
-    times: dict[str, list[float]] = {"flat": [], "plain": [], "perturb": [], "restore": []}
-
-    def step(f: FlatLoRA, i: int, record: bool) -> None:
-        x = torch.randint(0, 128, (args["micro"], args["seq"]), generator=gen)
-        dist.barrier()
-        t0 = time.perf_counter()
-        f.perturb(i)
-        t1 = time.perf_counter()
-        engine.backward(engine(input_ids=x, labels=x).loss)
-        t2 = time.perf_counter()
-        f.restore()
-        t3 = time.perf_counter()
-        engine.step()
-        t4 = time.perf_counter()
-        if record:
-            times["flat" if f is flat else "plain"].append(t4 - t0)
-            if f is flat:
-                times["perturb"].append(t1 - t0)
-                times["restore"].append(t3 - t2)
-
-    for i in range(3):
-        step(flat, i, False)
-        step(plain, i, False)
-    order = [flat, plain, plain, flat]
-    for i in range(4 * args["pairs"] // 2):
-        step(order[i % 4], 10 + i, True)
+    times = interleaved_steps(flat, plain, lambda x: engine.backward(engine(input_ids=x, labels=x).loss),
+                              engine.step, args, rank)  # fmt: skip
     part = [t.weight.ds_tensor for t in flat.targets]
     drawn = sum(_drawn(t.weight, NOISE_BLOCK) for t in flat.targets)
     res = {
         "rank": rank,
-        "median_flat_s": statistics.median(times["flat"]),
-        "median_plain_s": statistics.median(times["plain"]),
-        "median_perturb_s": statistics.median(times["perturb"]),
-        "median_restore_s": statistics.median(times["restore"]),
+        **step_medians(times),
         "state_bytes": flat.stats()["state_bytes"],
         "fixups": flat.stats()["fixups"],
         "partition_bytes": sum(p.numel() * p.element_size() for p in part),
@@ -101,25 +70,11 @@ def _drawn(w, block: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
-    a = ap.parse_args()
-    args = {k: getattr(a, k) for k in ("pairs", "hidden", "layers", "micro", "seq")}
+    a, args = parse_args(__doc__)
     res = launch(Path(__file__).resolve(), a.world, {"bench": args})
-    print(f"ZeRO-3, {a.world} CPU ranks (gloo, 1 thread each), Llama hidden {a.hidden}, {a.layers} layers, "
-          f"LoRA r=8 on all projections, micro-batch {a.micro}x{a.seq}, {2 * a.pairs} steps per arm")
+    print(setup_line("ZeRO-3", a) + f", {2 * a.pairs} steps per arm")
     for r in res:
-        ratio = r["median_flat_s"] / r["median_plain_s"]
-        print(
-            f"rank {r['rank']}: step flat {r['median_flat_s'] * 1e3:.1f} ms / plain {r['median_plain_s'] * 1e3:.1f} ms "
-            f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore {r['median_restore_s'] * 1e3:.1f} ms "
-            f"(= {(r['median_perturb_s'] + r['median_restore_s']) / r['median_plain_s']:.3f} x a plain step)"
-        )
+        print(step_line(r))
         print(
             f"        state_bytes {r['state_bytes']} = {r['state_bytes'] / r['partition_bytes']:.4f} x this rank's "
             f"base partitions ({r['partition_bytes']} B; full base {r['full_base_bytes']} B), fixups {r['fixups']}; "
@@ -128,8 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1].startswith("{"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        worker(json.loads(sys.argv[1])["bench"], Path(sys.argv[2]))
-    else:
-        main()
+    main_or_worker(worker, main)

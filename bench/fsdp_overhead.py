@@ -11,18 +11,15 @@ perturb/restore share and per rank ``state_bytes`` (norm buffers + fix-ups) agai
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 
 from fsdp_common import launch, tiny_model, wrap  # noqa: E402
+from timing import interleaved_steps, main_or_worker, parse_args, setup_line, step_line, step_medians  # noqa: E402
 
 
 def worker(args: dict, out_dir: Path) -> None:
@@ -41,45 +38,19 @@ def worker(args: dict, out_dir: Path) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
     plain = FlatLoRA(model, FlatLoRAConfig(sigma=0.0, total_steps=1000))
-    gen = torch.Generator().manual_seed(rank)
-    times: dict[str, list[float]] = {k: [] for k in ("flat", "plain", "perturb", "restore", "fb_flat", "fb_plain")}
 
-    def step(f: FlatLoRA, i: int, record: bool) -> None:
-        x = torch.randint(0, 128, (args["micro"], args["seq"]), generator=gen)
-        dist.barrier()
-        t0 = time.perf_counter()
-        f.perturb(i)
-        t1 = time.perf_counter()
-        model(input_ids=x, labels=x).loss.backward()
-        t2 = time.perf_counter()
-        f.restore()
-        t3 = time.perf_counter()
+    def opt_step() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
-        if record:
-            times["flat" if f is flat else "plain"].append(t4 - t0)
-            times["fb_flat" if f is flat else "fb_plain"].append(t2 - t1)
-            if f is flat:
-                times["perturb"].append(t1 - t0)
-                times["restore"].append(t3 - t2)
 
-    for i in range(3):
-        step(flat, i, False)
-        step(plain, i, False)
-    order = [flat, plain, plain, flat]
-    for i in range(2 * args["pairs"]):
-        step(order[i % 4], 10 + i, True)
+    times = interleaved_steps(
+        flat, plain, lambda x: model(input_ids=x, labels=x).loss.backward(), opt_step, args, rank
+    )
     backend = flat._backend_of[id(flat.targets[0])]
     local = [r.tensor for t in flat.targets for r in backend.regions(t)]
     res = {
         "rank": rank,
-        "median_flat_s": statistics.median(times["flat"]),
-        "median_plain_s": statistics.median(times["plain"]),
-        "median_perturb_s": statistics.median(times["perturb"]),
-        "median_restore_s": statistics.median(times["restore"]),
-        "median_fwd_bwd_flat_s": statistics.median(times["fb_flat"]),
-        "median_fwd_bwd_plain_s": statistics.median(times["fb_plain"]),
+        **step_medians(times, fwd_bwd=True),
         "state_bytes": flat.stats()["state_bytes"],
         "fixups": flat.stats()["fixups"],
         "shard_bytes": sum(t.numel() * t.element_size() for t in local),
@@ -92,26 +63,13 @@ def worker(args: dict, out_dir: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
-    a = ap.parse_args()
-    args = {k: getattr(a, k) for k in ("pairs", "hidden", "layers", "micro", "seq")}
+    a, args = parse_args(__doc__)
     res = launch(Path(__file__).resolve(), a.world, {"bench": args})
-    print(f"FSDP2, {a.world} CPU ranks (gloo, 1 thread each), Llama hidden {a.hidden}, {a.layers} layers, "
-          f"LoRA r=8 on all projections, micro-batch {a.micro}x{a.seq}, {a.pairs} steps per arm (ABBA)")
+    print(setup_line("FSDP2", a) + f", {a.pairs} steps per arm (ABBA)")
     for r in res:
-        ratio = r["median_flat_s"] / r["median_plain_s"]
-        share = (r["median_perturb_s"] + r["median_restore_s"]) / r["median_plain_s"]
         print(
-            f"rank {r['rank']}: step flat {r['median_flat_s'] * 1e3:.1f} ms / plain {r['median_plain_s'] * 1e3:.1f} ms "
-            f"= ratio {ratio:.3f}; perturb {r['median_perturb_s'] * 1e3:.1f} ms, restore "
-            f"{r['median_restore_s'] * 1e3:.1f} ms (= {share:.3f} x a plain step); forward+backward "
-            f"{r['median_fwd_bwd_flat_s'] * 1e3:.1f} ms perturbed / {r['median_fwd_bwd_plain_s'] * 1e3:.1f} ms plain"
+            f"{step_line(r)}; forward+backward {r['median_fwd_bwd_flat_s'] * 1e3:.1f} ms perturbed / "
+            f"{r['median_fwd_bwd_plain_s'] * 1e3:.1f} ms plain"
         )
         print(
             f"        state_bytes {r['state_bytes']} = {r['state_bytes'] / r['shard_bytes']:.4f} x this rank's base "
@@ -121,8 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1].startswith("{"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        worker(json.loads(sys.argv[1])["bench"], Path(sys.argv[2]))
-    else:
-        main()
+    main_or_worker(worker, main)
