@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from flatlora_dist.train.model import TINY_LLAMA_SHAPE
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -15,20 +17,13 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, targets=None, r: int = 4):
-    """A 2-layer random Llama (hidden 64) wrapped with PEFT LoRA; B is randomised so BA != 0."""
+    """A random Llama of the ``tiny`` model's shape (2 layers, hidden 64; vocabulary 128, no tokenizer)
+    wrapped with PEFT LoRA; B is randomised so BA != 0."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = LlamaConfig(vocab_size=128, **TINY_LLAMA_SHAPE, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).to(dtype)
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or ALL_PROJ))
     randomise_lora_b(model, seed)

@@ -95,6 +95,16 @@ def build_tiny_tokenizer():
     return tok
 
 
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+"""``LlamaConfig`` widths and depth of the ``tiny`` model (also the unit tests' tiny PEFT Llama)."""
+
+
 def build_tiny_llama(vocab_size: int | None = None, seed: int = 0):
     """A tiny random ``LlamaForCausalLM`` (fp32) and its byte-level tokenizer.
 
@@ -112,11 +122,7 @@ def build_tiny_llama(vocab_size: int | None = None, seed: int = 0):
         raise ModelLoadError(f"tiny model: vocab_size {vocab_size} is smaller than the tokenizer ({needed})")
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LLAMA_SHAPE,
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
