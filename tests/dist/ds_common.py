@@ -15,9 +15,9 @@ from typing import Any
 from launcher import free_port  # noqa: F401 - re-exported for app_common
 from launcher import launch as _launch
 from launcher import worker_env as _worker_env
+from tiny_lora import with_lora
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DS_DEFAULT_PERSISTENCE = 100_000
 """DeepSpeed's own default ``stage3_param_persistence_threshold`` (a tiny model is then fully persistent)."""
 
@@ -25,7 +25,6 @@ DS_DEFAULT_PERSISTENCE = 100_000
 def tiny_model(dtype=None, seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2, r: int = 4):
     """PEFT LoRA Llama from a config (no download); identical on every rank for the same seed."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -38,14 +37,7 @@ def tiny_model(dtype=None, seed: int = 0, hidden: int = 64, inter: int = 128, la
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(cfg).to(dtype or torch.float32)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_PROJ))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # B = 0 would make s*BA vanish from the norms
-                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
-    return model
+    return with_lora(LlamaForCausalLM(cfg).to(dtype or torch.float32), r, seed)
 
 
 def load_ds_config(

@@ -18,9 +18,9 @@ from typing import Any
 from launcher import free_port  # noqa: F401 - re-exported for the tests
 from launcher import launch as _launch
 from launcher import worker_env as _worker_env
+from tiny_lora import with_lora
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def llama_config(layers: int = 2, hidden: int = 64, inter: int = 80, heads: int = 4, kv_heads: int = 1, head_dim: int = 4):
@@ -41,19 +41,7 @@ def llama_config(layers: int = 2, hidden: int = 64, inter: int = 80, heads: int 
 
 def tiny_model(dtype=None, seed: int = 0, r: int = 4, **cfg):
     """PEFT LoRA Llama from a config (no download); identical on every rank for the same seed."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**cfg)).to(dtype or torch.float32)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_PROJ))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # B = 0 would make s*BA vanish from the norms
-                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
-    return model
+    return with_lora(base_model(dtype, seed, **cfg), r, seed)
 
 
 def base_model(dtype=None, seed: int = 0, **cfg):
