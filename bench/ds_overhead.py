@@ -72,7 +72,7 @@ def _drawn(w, block: int) -> int:
 def main() -> None:
     a, args = parse_args(__doc__)
     res = launch(Path(__file__).resolve(), a.world, {"bench": args})
-    print(setup_line("ZeRO-3", a) + f", {2 * a.pairs} steps per arm")
+    print(setup_line("ZeRO-3", a))
     for r in res:
         print(step_line(r))
         print(

@@ -65,7 +65,7 @@ def worker(args: dict, out_dir: Path) -> None:
 def main() -> None:
     a, args = parse_args(__doc__)
     res = launch(Path(__file__).resolve(), a.world, {"bench": args})
-    print(setup_line("FSDP2", a) + f", {a.pairs} steps per arm (ABBA)")
+    print(setup_line("FSDP2", a))
     for r in res:
         print(
             f"{step_line(r)}; forward+backward {r['median_fwd_bwd_flat_s'] * 1e3:.1f} ms perturbed / "

@@ -94,9 +94,9 @@ def step_medians(times: dict[str, list[float]], fwd_bwd: bool = False) -> dict[s
 
 
 def setup_line(name: str, a: argparse.Namespace) -> str:
-    """``<name>, <world> CPU ranks ..., micro-batch <micro>x<seq>`` (the caller appends the step count)."""
+    """``<name>, <world> CPU ranks ..., micro-batch <micro>x<seq>, <pairs> steps per arm (ABBA)``."""
     return (f"{name}, {a.world} CPU ranks (gloo, 1 thread each), Llama hidden {a.hidden}, {a.layers} layers, "
-            f"LoRA r=8 on all projections, micro-batch {a.micro}x{a.seq}")  # fmt: skip
+            f"LoRA r=8 on all projections, micro-batch {a.micro}x{a.seq}, {a.pairs} steps per arm (ABBA)")  # fmt: skip
 
 
 def step_line(r: dict[str, Any]) -> str:
