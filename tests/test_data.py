@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from flatlora_dist.train.data import (
     IGNORE_INDEX,
@@ -197,6 +199,52 @@ def test_not_utf8(tok, tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_bytes(b'{"instruction": "\xff", "output": "x"}\n')
     assert "not UTF-8" in one_line_error(tok, path)
+
+
+# Hostile records: JSON values of every kind, in the shapes of both formats, with wrong types, missing
+# and extra keys, odd roles, empty strings, non-ASCII text, and lines that are not JSON at all.
+_text = st.text(max_size=12)
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False), _text)
+_any = st.recursive(_scalar, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                    st.dictionaries(_text, kids, max_size=3)), max_leaves=6)  # fmt: skip
+_message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["system", "user", "assistant"]), _any),
+                                               "content": st.one_of(_text, _any)})  # fmt: skip
+_record = st.one_of(
+    st.fixed_dictionaries({}, optional={"instruction": st.one_of(_text, _any), "input": st.one_of(_text, _any),
+                                        "output": st.one_of(_text, _any), "extra": _any}),
+    st.fixed_dictionaries({"messages": st.one_of(st.lists(_message, max_size=4), _any)}),
+    _any,
+)  # fmt: skip
+_words = st.text(min_size=1, max_size=30).filter(str.strip)
+_turns = st.lists(st.tuples(_words, _words), min_size=1, max_size=2).map(
+    lambda ts: [{"role": r, "content": c} for u, a in ts for r, c in (("user", u), ("assistant", a))])
+_good = st.one_of(st.fixed_dictionaries({"instruction": _words, "output": _words}, optional={"input": _text}),
+                  st.fixed_dictionaries({"messages": _turns}))  # fmt: skip
+_line = st.one_of(_good.map(json.dumps), _record.map(json.dumps), st.text(max_size=20))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.one_of(st.lists(_good.map(json.dumps), min_size=1, max_size=4), st.lists(_line, max_size=4)),
+       fmt=st.sampled_from([None, "alpaca", "chat"]))
+def test_any_jsonl_loads_or_fails_with_one_line_naming_the_file(tok, tmp_path, lines, fmt):
+    """Whatever the file holds, ``load_task`` returns tokenized examples whose labels are the input ids or
+    -100, or raises DataError: one line that starts with the file's path; never another exception."""
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        data = load_task(path, tok, fmt=fmt, max_length=64)
+    except DataError as e:
+        msg = str(e)
+        event(msg.removeprefix(f"{path}:").split("'")[0][:40])
+        assert "\n" not in msg and msg.startswith(str(path)), msg
+        return
+    event("loaded")
+    assert len(data.dataset) > 0
+    for feat in data.dataset:
+        ids, labels = feat["input_ids"], feat["labels"]
+        assert len(ids) == len(labels) <= 64
+        assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+        assert any(lab != IGNORE_INDEX for lab in labels)
 
 
 # --------------------------------------------------------------------------------------------- math
