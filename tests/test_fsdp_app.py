@@ -10,7 +10,8 @@ built, see ``tests/dist/app_fsdp_run.py``):
 * ``accelerate launch --config_file launch/accelerate/fsdp2.yaml`` (no ``--fsdp``: the YAML decides);
 * HSDP 2x2: ``PARALLELISM_CONFIG_DP_SHARD_SIZE=2 torchrun --nproc_per_node 4 ... --fsdp hsdp``;
 * determinism: ``--fsdp fsdp2 --lora_dropout 0`` on 1 rank x batch 4 and on 2 ranks x batch 2, with the
-  per-step recorder of ``tests/dist/app_inject.py``.
+  per-step recorder of ``tests/dist/app_inject.py``;
+* a SIGTERM to the torchrun agent mid-run (what Slurm's ``--signal`` and ``scancel`` do), then ``--resume``.
 
 All 2-rank runs but the determinism pair are the same computation (same seed, data, global batch), so their
 per-step losses (from the checkpoint's ``trainer_state.json``) and adapters must agree.  The fast tests at the
@@ -139,9 +140,14 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.P
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT), log
 
 
+def torchrun_cmd(out: Path, args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "--shutdown_timeout", "120",
+            str(APP), *ARGS, "--output_dir", str(out), *args]  # fmt: skip
+
+
 def torchrun(out: Path, args: list[str], nproc: int = 2, **env: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(APP), *ARGS, "--output_dir", str(out), *args]  # fmt: skip
+    cmd = torchrun_cmd(out, args, nproc)
     return _result(out, [_start(cmd, _env(out.parent / f"{out.name}.record", **env), out.parent / f"{out.name}.log")], nproc)
 
 
@@ -234,11 +240,12 @@ def check_adapter_loads(run: dict) -> dict[str, torch.Tensor]:
     return saved
 
 
-def check_run(run: dict, *, kind: str, backend: str, world: int = 2) -> None:
+def check_run(run: dict, *, kind: str, backend: str, world: int = 2, drawn_steps: int = STEPS - 1) -> None:
+    """``drawn_steps``: steps this process perturbed (cosine schedule: step 0 has factor 0, no draw)."""
     s = run["summary"]
     assert s["backend"] == kind and s["world_size"] == world and s["steps"] == STEPS
     assert s["flatlora"]["backends"] == backend
-    assert s["flatlora"]["norm_allreduces"] == STEPS - 1  # cosine schedule: step 0 has factor 0 (no draw)
+    assert s["flatlora"]["norm_allreduces"] == drawn_steps
     assert s["base_weights_unchanged"] is True
     assert s["base_fingerprint_before"] == s["base_fingerprint_after"]
     assert s["skipped_steps"] == []
@@ -347,3 +354,31 @@ def test_fsdp2_world_size_1_equals_2(runs):
         # measured 0, 2e-16, 8e-10 relative: summation order, then the factors' 2e-8 difference (row norms)
         assert a["noise"][step] == pytest.approx(r0["noise"][step] + r1["noise"][step], rel=1e-6, abs=1e-12)
     assert a["noise"][STEPS - 1] > 0 and r0["noise"][STEPS - 1] > 0 and r1["noise"][STEPS - 1] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_checkpoints_then_resume_equals_uninterrupted(runs, tmp_path):
+    """SIGTERM to the torchrun agent during step 2 of 3 (as Slurm's --signal=TERM or scancel sends it): the
+    agent forwards it to both ranks, which finish the step, write a complete checkpoint-2 and exit 143 within
+    --shutdown_timeout, with no adapter or summary; torchrun ... --resume then ends with the per-step losses
+    and the adapter of the uninterrupted run."""
+    out = tmp_path / "run"
+    inject = {"actions": [{"step": 1, "rank": 0, "do": "sigterm_launcher"}]}
+    proc, log = _start(torchrun_cmd(out, ["--fsdp", "fsdp2"]), _env(tmp_path / "term.record",
+                       APP_INJECT=json.dumps(inject)), tmp_path / "term.log")  # fmt: skip
+    proc.wait(timeout=400)
+    tail = log.read_text()
+    assert proc.returncode != 0, tail[-4000:]  # torchrun reports the signal it got
+    assert "stopped: SIGTERM at step 2/3" in tail, tail[-4000:]
+    assert "Sending process" in tail and "forcefully exiting" not in tail  # forwarded; exited before SIGKILL
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "COMPLETE").is_file()
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()
+
+    resumed = torchrun(out, ["--fsdp", "fsdp2", "--resume"])
+    check_run(resumed, kind="fsdp2", backend="fsdp2", drawn_steps=1)  # step 3 only
+    assert resumed["summary"]["resumed_from"].endswith("checkpoint-2")
+    ref = runs("fsdp2")
+    assert losses(resumed) == pytest.approx(losses(ref), rel=1e-5)
+    saved, other = check_adapter_loads(resumed), adapter(ref)
+    assert max(float((saved[k] - other[k]).abs().max()) for k in saved) <= 1e-5

@@ -11,6 +11,8 @@ Used in-process by the app tests and in subprocesses by ``app_run.py``.  ``insta
   "rank": rank (default every rank), "do": ...}`` where ``do`` is one of
 
   - ``sigkill`` / ``sigterm``: the process sends itself the signal mid-window, noise in the weights;
+  - ``sigterm_launcher``: SIGTERM to the parent process (the torchrun agent, which forwards it to every
+    rank's process group), then a 3 s wait so the forwarded signal lands within this step;
   - ``nan_loss``: a forward hook puts NaN into one decoder layer's output for that micro-batch (the
     loss and every gradient become non-finite);
   - ``inf_norm``: a LoRA B entry is inf while Flat-LoRA computes the step's row norms, finite again
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +150,9 @@ def _wrap_training_step(rec: Recorder, trainer) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         for _ in rec.due("sigterm", rec.micro):
             os.kill(os.getpid(), signal.SIGTERM)
+        for _ in rec.due("sigterm_launcher", rec.micro):
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(3)
         for _ in rec.due("save_mid", rec.micro):
             _save_mid(rec, trainer)
         hooks = []
