@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_front_door import folder_hash
 
 from flatlora_dist.train import run as run_mod
 from flatlora_dist.train.report import write_json_atomic
 from flatlora_dist.train.run import main
-from test_front_door import folder_hash
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--model", "tiny", "--report_to", "none", "--eval_generate_limit", "0", "--eval_limit", "4",

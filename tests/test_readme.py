@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import torch
-
 from conftest import fingerprint, tiny_llama
+
 from flatlora_dist.train.config import config_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"

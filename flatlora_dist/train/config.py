@@ -69,7 +69,7 @@ class TrainConfig:
         default="outputs/demo", metadata={"help": "where checkpoints, logs and summary go"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint (a finished run: nothing to do)"})
     max_steps: int = field(
         default=12, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0; <= 0: train num_train_epochs)"}
     )
