@@ -34,12 +34,13 @@ def previous_run(out: Path) -> None:
     (out / "tensorboard" / "events.old").write_bytes(b"old events")
 
 
-@pytest.mark.parametrize("state", ["absent", "previous run, --overwrite", "incomplete checkpoint, --resume"])
+@pytest.mark.parametrize("state", ["absent", "absent, parent too", "previous run, --overwrite",
+                                   "incomplete checkpoint, --resume"])
 def test_failure_before_the_first_step_leaves_the_folder_as_found(tmp_path, monkeypatch, state):
     """An unexpected error after the folder was prepared (here: in the before-training fingerprint, once the
     Trainer has started TensorBoard) undoes everything: no run_config.json, no tensorboard/, the replaced
     run and the set-aside checkpoint back in place, a folder this run created removed."""
-    out = tmp_path / "run"
+    out = tmp_path / "parent" / "run" if state == "absent, parent too" else tmp_path / "run"
     extra = ["--report_to", "tensorboard"]
     if state.startswith("previous"):
         previous_run(out)
@@ -48,7 +49,7 @@ def test_failure_before_the_first_step_leaves_the_folder_as_found(tmp_path, monk
         (out / "checkpoint-1").mkdir(parents=True)
         (out / "checkpoint-1" / "partial.bin").write_bytes(b"\0" * 10)
         extra.append("--resume")
-    before = folder_hash(out)
+    before, parent_before = folder_hash(out), folder_hash(out.parent)
 
     def failing(model):
         assert (out / "run_config.json").is_file() and (out / "tensorboard").is_dir()
@@ -57,7 +58,7 @@ def test_failure_before_the_first_step_leaves_the_folder_as_found(tmp_path, monk
     monkeypatch.setattr(run_mod, "frozen_fingerprint", failing)
     with pytest.raises(RuntimeError, match="injected"):
         main([*QUICK, "--max_steps", "2", "--output_dir", str(out), *extra])
-    assert folder_hash(out) == before
+    assert folder_hash(out) == before and folder_hash(out.parent) == parent_before
 
 
 def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):

@@ -340,13 +340,16 @@ class OutputJournal:
 
     Invariant until :meth:`commit`: every path that existed before is either in place (bytes of
     ``run_config.json`` kept) or moved by :meth:`move` (a replaced run goes to the hidden ``trash``
-    folder, deleted only by :meth:`commit`); everything else under the folder was created by this run.  Rank 0 only; on
-    other ranks every method does nothing.
+    folder, deleted only by :meth:`commit`); everything else under the folder, and any folder above it
+    that did not exist, was created by this run.  Rank 0 only; elsewhere every method does nothing.
     """
 
     def __init__(self, out: Path, active: bool) -> None:
         self.out, self.active = out, active
         self.existed = out.is_dir()
+        self.created_root = out.absolute()  # the topmost folder this run will create (if out is absent)
+        while not self.created_root.parent.exists():
+            self.created_root = self.created_root.parent
         self.before = {p.relative_to(out) for p in out.rglob("*")} if active and self.existed else set()
         config = out / RUN_CONFIG
         self.config_bytes = config.read_bytes() if active and config.is_file() else None
@@ -371,7 +374,7 @@ class OutputJournal:
             return
         self.done = True
         if not self.existed:
-            shutil.rmtree(self.out, ignore_errors=True)
+            shutil.rmtree(self.created_root, ignore_errors=True)
             return
         for src, dst in reversed(self.moved):
             if src.is_dir():
