@@ -55,11 +55,15 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or a comma list of module names (each must match a layer)"})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "'all-linear' or a comma list of module names (each must match a layer)"}
+    )
     # model loading
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 4-bit base (needs bitsandbytes)"})
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa, flex_attention, flash_attention_2 (CUDA + flash_attn); default: flash_attention_2 if usable, else sdpa"}
+        default=None,
+        metadata={"help": "eager, sdpa, flex_attention, flash_attention_2 (CUDA + flash_attn); "
+                          "default: flash_attention_2 if usable, else sdpa"},  # fmt: skip
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow model code from the model folder"}
@@ -69,16 +73,21 @@ class TrainConfig:
         default="outputs/demo", metadata={"help": "where checkpoints, logs and summary go"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint (a finished run: nothing to do)"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last complete checkpoint (a finished run: nothing to do)"}
+    )
     max_steps: int = field(
-        default=12, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0; <= 0: train num_train_epochs)"}
+        default=12,
+        metadata={"help": "optimizer steps (overrides num_train_epochs when > 0; <= 0: train num_train_epochs)"},
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps <= 0"})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "micro-batch per rank"})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "eval batch per rank"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "HF scheduler name (transformers.SchedulerType)"})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "HF scheduler name (transformers.SchedulerType)"}
+    )
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps for LR warmup, in [0, 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
@@ -89,7 +98,11 @@ class TrainConfig:
         default=False, metadata={"help": "recompute activations in backward"}
     )
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: none; a SIGTERM stop still writes one, the adapter is saved at the end)"})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "checkpoint every N steps (0: none; a SIGTERM stop still writes one, "
+                          "the adapter is saved at the end)"},  # fmt: skip
+    )
     eval_steps: int = field(
         default=0, metadata={"help": "held-out loss every N steps (0: before/after only)"}
     )
