@@ -68,6 +68,8 @@ CASES = [
     Case("empty target list", ["--lora_target_modules", ","], "--lora_target_modules is empty"),
     Case("data_format sharegpt", ["--data", "{tmp}/ok.jsonl", "--data_format", "sharegpt"],
          "--data_format must be one of auto, alpaca, chat", "run"),  # fmt: skip
+    Case("data_format chat, alpaca file", ["--data", "{tmp}/ok.jsonl", "--data_format", "chat"],
+         "--data_format chat, but", "file"),  # fmt: skip
     Case("fsdp3", ["--fsdp", "fsdp3"], "--fsdp must be 'fsdp1', 'fsdp2' or 'hsdp'"),
     Case("report_to wandb", ["--report_to", "wandb"], "--report_to must be"),
     Case("eval_steps without eval data", ["--data", "{tmp}/ok.jsonl", "--eval_steps", "2"], "needs held-out data"),

@@ -174,6 +174,10 @@ def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | No
     records = read_jsonl(p)
     first_line, first = records[0]
     kind = detect_format(first) if fmt == "auto" else fmt
+    looks = detect_format(first)
+    if fmt != "auto" and looks not in (None, fmt):
+        raise RunError(f"--data_format {fmt}, but {p}:{first_line} is in {looks} format (keys: "
+                       f"{', '.join(sorted(first))}); use --data_format {looks} or auto")  # fmt: skip
     if kind not in ("alpaca", "chat"):
         raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {', '.join(sorted(first)) or 'none'}); "
                         "expected 'messages' (chat) or 'instruction' + 'output' (alpaca)")  # fmt: skip
