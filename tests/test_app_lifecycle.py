@@ -111,16 +111,21 @@ def test_max_steps_0_trains_num_train_epochs(tmp_path):
 
 
 def _two_ranks(cmd_head: list[str], out: Path, args: list[str], env_extra: dict[str, str]) -> dict:
+    """Run the app on 2 ranks under the launcher ``cmd_head`` (``{port}``: a free port), generating for
+    the accuracy metrics; its summary."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **env_extra)
     sys.path.insert(0, str(REPO / "tests" / "dist"))
     from ds_common import free_port
 
     cmd = [*cmd_head[:1], *[a.format(port=free_port()) for a in cmd_head[1:]], str(REPO / "launch" / "train.py"),
-           *QUICK, *args, "--output_dir", str(out)]  # fmt: skip
+           *QUICK, "--eval_generate_limit", "2", "--max_new_tokens", "4", *args, "--output_dir", str(out)]  # fmt: skip
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    # sharded: accuracy before and after comes from rank 0's unsharded copy (generation on)
+    assert "math_accuracy" in summary["metrics_before"] and "math_accuracy" in summary["metrics_after"]
+    return summary
 
 
 @pytest.mark.slow
