@@ -1,10 +1,13 @@
 """The training application: HF Trainer + FlatLoRACallback, under plain python, DeepSpeed or FSDP.
 
-``launch/train.py`` calls :func:`main`.  Order of work: validate everything cheap (config, output
-directory, DeepSpeed config and its batch sizes, data files and their records, optional packages)
-before distributed start-up, model loading or data tokenization; touch the output directory only
-once model and data have loaded; then evaluate, train, evaluate, save a complete PEFT adapter and
-write ``summary.json`` and ``curves.png``.
+``launch/train.py`` calls :func:`main`.  Order of work: validate everything cheap (config, model
+folder, output directory and its writability, DeepSpeed config and its batch sizes, data files and
+their records, optional packages, scheduler and attention names) before distributed start-up, model
+loading or data tokenization; check the LoRA target modules against the loaded model; touch the output
+directory only once model and data have loaded (and undo that if the run fails before its first
+step); then evaluate, train, save a complete PEFT adapter, evaluate (a SIGTERM stops this final
+evaluation between batches: exit 143, adapter and summary written) and write ``summary.json`` and
+``curves.png``.  ``--resume`` of a finished run (``summary.json`` present) does nothing and exits 0.
 
 Reliability (issue 8):
 
