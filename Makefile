@@ -10,7 +10,10 @@ TORCH_CPU := torch==2.13.0
 # DeepSpeed's JIT-built ops (shm comm, fused Adam) are cached inside the project.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
-NPROC ?= 2
+# `make demo`: one rank per GPU (nvidia-smi's count), 2 CPU ranks without one; `make demo NPROC=4` overrides.
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+# The demo's own output folder: each `make demo` replaces it (--overwrite of this folder only).
+DEMO_OUT := outputs/make-demo
 
 .PHONY: install demo test lint bench clean
 
@@ -32,9 +35,10 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: install
-	rm -rf outputs/demo
+	@echo "make demo: $(NPROC) rank(s), output in $(DEMO_OUT) (replaced by every make demo)"
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(PY) -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')")} \
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --ds_config ds_configs/zero3.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --ds_config ds_configs/zero3.json \
+	    --output_dir $(DEMO_OUT) --overwrite
 
 test: install
 	$(PY) -m pytest -q -ra tests

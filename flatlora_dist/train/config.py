@@ -8,11 +8,16 @@ Unknown keys (in YAML or on the command line) are rejected with the closest vali
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
 import yaml
+
+from ..config import FlatLoRAConfig
+
+DATA_FORMATS = ("auto", "alpaca", "chat")
 
 
 class ConfigError(ValueError):
@@ -30,7 +35,7 @@ class TrainConfig:
         default=None, metadata={"help": "JSONL training file (alpaca or chat); overrides task"}
     )
     eval_data: str | None = field(default=None, metadata={"help": "JSONL held-out file for --data"})
-    data_format: str = field(default="auto", metadata={"help": "'auto', 'alpaca' or 'chat'"})
+    data_format: str = field(default="auto", metadata={"help": "'auto', 'alpaca' or 'chat' (format of --data)"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack examples into max_length blocks"})
     train_limit: int | None = field(
@@ -50,11 +55,15 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or a comma list"})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "'all-linear' or a comma list of module names (each must match a layer)"}
+    )
     # model loading
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 4-bit base (needs bitsandbytes)"})
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "default: flash_attention_2 on CUDA if installed, else sdpa"}
+        default=None,
+        metadata={"help": "eager, sdpa, flex_attention, flash_attention_2 (CUDA + flash_attn); "
+                          "default: flash_attention_2 if usable, else sdpa"},  # fmt: skip
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow model code from the model folder"}
@@ -64,17 +73,22 @@ class TrainConfig:
         default="outputs/demo", metadata={"help": "where checkpoints, logs and summary go"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an output_dir that holds another run"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last complete checkpoint (a finished run: nothing to do)"}
+    )
     max_steps: int = field(
-        default=12, metadata={"help": "optimizer steps (overrides num_train_epochs when > 0)"}
+        default=12,
+        metadata={"help": "optimizer steps (overrides num_train_epochs when > 0; <= 0: train num_train_epochs)"},
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps <= 0"})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "micro-batch per rank"})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "eval batch per rank"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "HF scheduler name"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps for LR warmup"})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "HF scheduler name (transformers.SchedulerType)"}
+    )
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps for LR warmup, in [0, 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, init and (default) noise"})
@@ -84,11 +98,15 @@ class TrainConfig:
         default=False, metadata={"help": "recompute activations in backward"}
     )
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "checkpoint every N steps (0: none; a SIGTERM stop still writes one, "
+                          "the adapter is saved at the end)"},  # fmt: skip
+    )
     eval_steps: int = field(
         default=0, metadata={"help": "held-out loss every N steps (0: before/after only)"}
     )
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints (default: all)"})
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loader workers"})
     # distribution
@@ -99,7 +117,16 @@ class TrainConfig:
     merge: bool = field(default=False, metadata={"help": "also write a merged model (single process)"})
 
     def validate(self) -> None:
-        """Cheap checks that need no model or data (run before any expensive work)."""
+        """Cheap checks that need no model, data or heavy import (run before any expensive work).
+
+        Invariant: a config that passes holds only finite numbers, Flat-LoRA settings that
+        :class:`FlatLoRAConfig` accepts, and names from the fixed choices below; settings that need
+        transformers (scheduler, attention) or the file system are checked by the run's preflight.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         positive = [
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
@@ -117,17 +144,31 @@ class TrainConfig:
             "eval_generate_limit",
             "max_new_tokens",
             "dataloader_num_workers",
+            "weight_decay",
+            "max_grad_norm",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("train_limit", "eval_limit", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0 (or left unset), got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max_length must be >= 2 (a prompt token and a trained token), got {self.max_length}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set --max_steps > 0 or --num_train_epochs > 0")
-        if self.sigma < 0:
-            raise ConfigError(f"--sigma must be >= 0 (0 = plain LoRA), got {self.sigma}")
+        self.flat_config()
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not self.target_modules():
+            raise ConfigError("--lora_target_modules is empty: give 'all-linear' or module names like q_proj,v_proj")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.data_format not in DATA_FORMATS:
+            raise ConfigError(f"--data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive: pick one")
         if self.overwrite and self.resume:
@@ -138,6 +179,27 @@ class TrainConfig:
             raise ConfigError(f"--fsdp must be 'fsdp1', 'fsdp2' or 'hsdp', got {self.fsdp!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ConfigError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.eval_steps and self.data and not self.eval_data:
+            raise ConfigError("--eval_steps needs held-out data: give --eval_data FILE.jsonl (or --eval_steps 0)")
+
+    def flat_config(self) -> FlatLoRAConfig:
+        """The run's :class:`FlatLoRAConfig` (its own rules, reported under this app's flag names)."""
+        flags = {"sigma": "sigma", "schedule": "flat_schedule", "mode": "flat_mode",
+                 "seed": "seed" if self.flat_seed is None else "flat_seed"}  # fmt: skip
+        try:
+            return FlatLoRAConfig(sigma=self.sigma, schedule=self.flat_schedule, mode=self.flat_mode,
+                                  seed=self.seed if self.flat_seed is None else self.flat_seed)  # fmt: skip
+        except ValueError as e:
+            message = str(e)
+            for name, flag in flags.items():
+                message = message.replace(f"FlatLoRAConfig.{name} ", f"--{flag} ")
+            raise ConfigError(message) from None
+
+    def target_modules(self) -> str | list[str]:
+        """``'all-linear'`` or the list of module names given in ``lora_target_modules``."""
+        if self.lora_target_modules == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

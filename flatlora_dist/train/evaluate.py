@@ -5,13 +5,18 @@ are deterministic (greedy decoding, no dropout).  Prompts are tokenized exactly 
 (:func:`flatlora_dist.train.data.encode_prompt`).  Under torch.distributed every rank evaluates the
 same data (simple, and keeps ZeRO-3/FSDP parameter gathers in step; generation uses
 ``synced_gpus``), so every rank returns the same numbers.
+
+Inside ``with stop_when(check):`` every batch loop calls ``check()`` before each batch and raises
+:class:`EvaluationStopped` when it returns true (the application's SIGTERM flag).  Ranks that
+evaluate in lockstep must pass a check that agrees over ranks (one all-reduce), so all stop at the
+same batch.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 
@@ -24,6 +29,30 @@ from .data import IGNORE_INDEX, Example, encode_prompt
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
 _FINAL_ANSWER = re.compile(r"####\s*(" + _NUMBER + ")")
 _ANY_NUMBER = re.compile(_NUMBER)
+
+
+# ------------------------------------------------------------------------------------------ stopping
+class EvaluationStopped(Exception):
+    """The ``stop_when`` check asked the evaluation to stop (raised between batches)."""
+
+
+_stop_check: Callable[[], bool] | None = None
+
+
+@contextmanager
+def stop_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, each evaluation batch first calls ``check()``; true: raise EvaluationStopped."""
+    global _stop_check
+    previous, _stop_check = _stop_check, check
+    try:
+        yield
+    finally:
+        _stop_check = previous
+
+
+def _batch_gate() -> None:
+    if _stop_check is not None and _stop_check():
+        raise EvaluationStopped("stop requested")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -94,6 +123,7 @@ def heldout_loss(model: torch.nn.Module, dataset: Dataset, collator, batch_size:
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in loader:
+            _batch_gate()
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits[:, :-1].float()
@@ -125,6 +155,7 @@ def generate(
     outputs: list[str] = []
     with eval_mode(model):
         for batch in _batches(list(examples), batch_size):
+            _batch_gate()
             ids, mask = left_pad([encode_prompt(tokenizer, ex) for ex in batch], pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config, synced_gpus=_sharded(model))  # fmt: skip
@@ -197,6 +228,7 @@ def continuation_logprobs(
     scores: list[float] = []
     with eval_mode(model):
         for batch in _batches(list(pairs), batch_size):
+            _batch_gate()
             seqs = [p + c for p, c in batch]
             longest = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), longest), pad, dtype=torch.long)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -263,8 +264,35 @@ def _check_local_path(path: Path) -> None:
         raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not one of: tiny, smollm2-135m)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(f"model path {str(path)!r} has no config.json (expected a save_pretrained folder)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno} column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON{where}; re-save the model "
+                             "with save_pretrained") from None  # fmt: skip
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} must hold a JSON object, got {type(config).__name__}")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model path {str(path)!r} has no *.safetensors weights (only safetensors are loaded)")
+
+
+def check_model_source(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Everything about ``name_or_path`` that can be checked without loading it (no transformers, no
+    weights read): a local folder's ``config.json`` (JSON object) and safetensors, or the SmolLM2 source
+    package when it still has to be converted.  Returns the folder to load (``None`` for ``tiny``)."""
+    name = str(name_or_path)
+    if name.lower() == "tiny":
+        return None
+    if name.lower() in SMOLLM2_NAMES:
+        target = (Path(cache_dir) if cache_dir is not None else default_model_cache()) / SMOLLM2_DIR
+        if not _is_complete(target):
+            smollm2_package_dir()
+            if importlib.util.find_spec("gguf") is None:
+                raise ModelLoadError("smollm2-135m conversion needs the gguf package: pip install gguf")
+        return target
+    path = Path(name).expanduser()
+    _check_local_path(path)
+    return path
 
 
 def _bnb_config(compute_dtype: torch.dtype):
@@ -354,14 +382,12 @@ def load_model(
     name = str(name_or_path)
     if load_in_4bit:
         _bnb_config(torch_dtype)  # fail early and clearly
-    if name.lower() == "tiny":
+    path = check_model_source(name, cache_dir)
+    if path is None:
         model, tok = _load_tiny(torch_dtype, load_in_4bit, attn)
     else:
         if name.lower() in SMOLLM2_NAMES:
             path = smollm2_path(cache_dir)
-        else:
-            path = Path(name).expanduser()
-            _check_local_path(path)
         model, tok = _from_pretrained(path, torch_dtype, load_in_4bit, attn, trust_remote_code)
     return _finish(model, tok, gradient_checkpointing)
 
@@ -415,3 +441,30 @@ def apply_lora(
     if checkpointing:
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+# LoRA can wrap these layer types (PEFT's LoRA layers; bitsandbytes' 4-bit linears subclass nn.Linear).
+_LORA_LAYER_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+
+
+def _wrappable(module: torch.nn.Module) -> bool:
+    return any(cls.__name__ in _LORA_LAYER_TYPES for cls in type(module).__mro__)
+
+
+def target_modules_problem(model: torch.nn.Module, targets: str | Sequence[str]) -> str | None:
+    """Why ``targets`` (PEFT's list rule: a name matches a module whose dotted name equals it or ends in
+    ``.name``) would not put LoRA where asked, or ``None``: every name must match at least one module,
+    and only layers LoRA can wrap.  The message names the linear layers the model has."""
+    if isinstance(targets, str):
+        return None  # 'all-linear' (PEFT picks every linear layer but the output head)
+    names = [(n, m) for n, m in model.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in names if isinstance(m, torch.nn.Linear)})
+    have = f"its linear layers are: {', '.join(linear)} (or use all-linear)"
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in names)]
+    if missing:
+        return f"--lora_target_modules: {', '.join(missing)} match(es) no module of this model; {have}"
+    for t in targets:
+        wrong = sorted({type(m).__name__ for n, m in names if (n == t or n.endswith("." + t)) and not _wrappable(m)})
+        if wrong:
+            return f"--lora_target_modules: {t} matches {', '.join(wrong)} modules, which LoRA cannot wrap; {have}"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 from pathlib import Path
@@ -84,12 +85,26 @@ def gather_per_rank(value: Any) -> list[Any]:
     return out
 
 
+def strict_json_value(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, in nested dicts, lists and
+    tuples: what strict JSON (RFC 8259, ``json.dumps(allow_nan=False)``) can hold."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    """Write strict JSON (non-finite numbers as ``null``) via a temporary file and rename, so readers
+    never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    text = json.dumps(strict_json_value(data), indent=2, sort_keys=True, default=str, allow_nan=False)
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,10 +1,13 @@
 """The training application: HF Trainer + FlatLoRACallback, under plain python, DeepSpeed or FSDP.
 
-``launch/train.py`` calls :func:`main`.  Order of work: validate everything cheap (config, output
-directory, DeepSpeed config and its batch sizes, data files and their records, optional packages)
-before distributed start-up, model loading or data tokenization; touch the output directory only
-once model and data have loaded; then evaluate, train, evaluate, save a complete PEFT adapter and
-write ``summary.json`` and ``curves.png``.
+``launch/train.py`` calls :func:`main`.  Order of work: validate everything cheap (config, model
+folder, output directory and its writability, DeepSpeed config and its batch sizes, data files and
+their records, optional packages, scheduler and attention names) before distributed start-up, model
+loading or data tokenization; check the LoRA target modules against the loaded model; touch the output
+directory only once model and data have loaded (and undo that if the run fails before its first
+step); then evaluate, train, save a complete PEFT adapter, evaluate (a SIGTERM stops this final
+evaluation between batches: exit 143, adapter and summary written) and write ``summary.json`` and
+``curves.png``.  ``--resume`` of a finished run (``summary.json`` present) does nothing and exits 0.
 
 Reliability (issue 8):
 
@@ -41,6 +44,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -50,7 +54,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import FlatLoRAConfig
 from .config import ConfigError, TrainConfig, parse_args
 from .report import frozen_fingerprint, gather_per_rank, peak_memory_mb, plot_curves, write_json_atomic
 
@@ -71,6 +74,12 @@ RESUME_KEYS = ("model", "task", "data", "data_format", "max_length", "packing", 
 
 class RunError(ValueError):
     """A problem with the requested run; the message is one line naming it and the fix."""
+
+
+class AlreadyFinished(Exception):
+    """``--resume`` of a run that has finished: nothing to do (exit 0, nothing touched)."""
+
+
 
 
 # ------------------------------------------------------------------------------------ small helpers
@@ -168,6 +177,10 @@ def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | No
     records = read_jsonl(p)
     first_line, first = records[0]
     kind = detect_format(first) if fmt == "auto" else fmt
+    looks = detect_format(first)
+    if fmt != "auto" and looks not in (None, fmt):
+        raise RunError(f"--data_format {fmt}, but {p}:{first_line} is in {looks} format (keys: "
+                       f"{', '.join(sorted(first))}); use --data_format {looks} or auto")  # fmt: skip
     if kind not in ("alpaca", "chat"):
         raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {', '.join(sorted(first)) or 'none'}); "
                         "expected 'messages' (chat) or 'instruction' + 'output' (alpaca)")  # fmt: skip
@@ -176,20 +189,39 @@ def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | No
         parse(p, lineno, rec)
 
 
+def check_writable(out: Path) -> None:
+    """``out`` (or the nearest folder above it that exists, where it would be created) accepts a new
+    file: probed by creating and removing a hidden temporary file (permission bits say nothing for root,
+    read-only mounts or /proc).  Leaves nothing behind; creates no folder."""
+    where = out.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise RunError(f"--output_dir {out}: {where} is a file, not a folder; choose another --output_dir")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".flatlora-write-test-", dir=where)
+    except OSError as e:
+        raise RunError(f"--output_dir {out}: cannot create files in {where} ({e.strerror}); "
+                       "choose a writable --output_dir") from None  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_dir(cfg: TrainConfig) -> Path | None:
-    """Refuse to mix runs; returns the checkpoint to resume from (``None``: start fresh)."""
+    """Refuse to mix runs; returns the checkpoint to resume from (``None``: start fresh).  Raises
+    :class:`AlreadyFinished` for ``--resume`` of a finished run (``summary.json`` is written last)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise RunError(f"--output_dir {out} exists and is not a folder")
+    check_writable(out)
     holds_run = out.is_dir() and (any((out / a).exists() for a in RUN_ARTIFACTS) or bool(checkpoints(out)))
     if cfg.resume:
+        if (out / "summary.json").is_file():
+            raise AlreadyFinished(f"{out} holds a finished run (summary.json); nothing to resume. "
+                                  "Use --overwrite to train it again, or another --output_dir")  # fmt: skip
         ckpt = last_complete_checkpoint(out) if out.is_dir() else None
         if ckpt is not None:
             _check_resume_config(out, cfg)
-        elif holds_run and not checkpoints(out) and (out / "summary.json").exists():
-            raise RunError(
-                f"{out} holds a finished run with no checkpoint to resume; use --overwrite or another --output_dir"
-            )
         return ckpt
     if holds_run and not cfg.overwrite:
         raise RunError(f"--output_dir {out} already holds a run; pass --resume to continue it, "
@@ -210,8 +242,56 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
         )
 
 
+def check_scheduler(cfg: TrainConfig) -> None:
+    """``--lr_scheduler_type``: a name transformers knows (``SchedulerType``) that it can build with the
+    settings this app passes (no ``lr_scheduler_kwargs``), with the evaluation some schedulers need."""
+    import difflib
+
+    from transformers import SchedulerType, get_scheduler
+
+    names = [s.value for s in SchedulerType]
+    name = cfg.lr_scheduler_type
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RunError(f"--lr_scheduler_type {name!r} is not a transformers scheduler; {hint}choose one of "
+                       f"{', '.join(names)}")  # fmt: skip
+    if name in ("reduce_lr_on_plateau", "greedy") and not cfg.eval_steps:
+        raise RunError(f"--lr_scheduler_type {name} steps on held-out loss: set --eval_steps N (> 0) too")
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=2)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"--lr_scheduler_type {name} needs scheduler settings this app does not pass ({e}); "
+                       "use e.g. cosine, linear or constant_with_warmup") from None  # fmt: skip
+
+
+def check_attention(cfg: TrainConfig) -> None:
+    """``--attn_implementation``: one transformers accepts by name; a flash-attention kernel only where it
+    can run here (CUDA and its package importable: an explicit request is not silently replaced)."""
+    name = cfg.attn_implementation
+    if name in (None, "auto"):
+        return
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    accepted = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in accepted:
+        raise RunError(f"--attn_implementation {name!r} is not one transformers accepts; choose one of "
+                       f"{', '.join(accepted)} (or leave it unset)")  # fmt: skip
+    version = name.removeprefix("flash_attention_")
+    if version.isdigit() and not (torch.cuda.is_available()
+                                  and FLASH_ATTENTION_COMPATIBILITY_MATRIX[int(version)]["general_availability_check"]()):  # fmt: skip
+        raise RunError(f"--attn_implementation {name} needs CUDA and its flash-attention package, which this "
+                       "machine lacks; use sdpa or eager (or leave it unset)")  # fmt: skip
+
+
 def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """Every check that needs no model, data tokenization or process group."""
+    """Every check that needs no model, data tokenization or process group: settings, files, the model
+    folder, the output folder (writable, not holding another run), then the names only transformers
+    knows (scheduler, attention).  Raises before anything is written."""
+    from .model import check_model_source
+
     ds = load_ds_config(cfg.ds_config) if cfg.ds_config else None
     if ds is not None:
         check_ds_batch(cfg, ds, cfg.ds_config)
@@ -238,7 +318,11 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
         raise RunError(
             "--merge is not supported with --load_in_4bit (merging into 4-bit weights loses precision)"
         )
-    return check_output_dir(cfg), ds
+    check_model_source(cfg.model)
+    resume_from = check_output_dir(cfg)
+    check_scheduler(cfg)
+    check_attention(cfg)
+    return resume_from, ds
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -257,31 +341,85 @@ def init_distributed(cfg: TrainConfig) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
-    """Rank 0: clear a replaced run, set aside incomplete checkpoints, record the run's settings."""
+class OutputJournal:
+    """What this run changed in its output folder until its first optimizer step, so that a run failing
+    before then leaves the folder exactly as it found it (:meth:`undo`).
+
+    Invariant until :meth:`commit`: every path that existed before is either in place (bytes of
+    ``run_config.json`` kept) or moved by :meth:`move` (a replaced run goes to the hidden ``trash``
+    folder, deleted only by :meth:`commit`); everything else under the folder, and any folder above it
+    that did not exist, was created by this run.  Rank 0 only; elsewhere every method does nothing.
+    """
+
+    def __init__(self, out: Path, active: bool) -> None:
+        self.out, self.active = out, active
+        self.existed = out.is_dir()
+        self.created_root = out.absolute()  # the topmost folder this run will create (if out is absent)
+        while not self.created_root.parent.exists():
+            self.created_root = self.created_root.parent
+        self.before = {p.relative_to(out) for p in out.rglob("*")} if active and self.existed else set()
+        config = out / RUN_CONFIG
+        self.config_bytes = config.read_bytes() if active and config.is_file() else None
+        self.moved: list[tuple[Path, Path]] = []
+        self.trash = out / f".flatlora-replaced-{os.getpid()}"
+        self.done = not active
+
+    def move(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        self.moved.append((src, dst))
+
+    def commit(self) -> None:
+        """The run has taken its first step: what it replaced is gone for good."""
+        if not self.done:
+            shutil.rmtree(self.trash, ignore_errors=True)
+            self.done = True
+
+    def undo(self) -> None:
+        """Put the folder back as it was (no-op once committed)."""
+        if self.done:
+            return
+        self.done = True
+        if not self.existed:
+            shutil.rmtree(self.created_root, ignore_errors=True)
+            return
+        for src, dst in reversed(self.moved):
+            if src.is_dir():
+                shutil.rmtree(src)
+            elif src.exists():
+                src.unlink()
+            os.replace(dst, src)
+        for p in sorted(self.out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if p.relative_to(self.out) in self.before or not (p.is_symlink() or p.exists()):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        if self.config_bytes is not None:
+            (self.out / RUN_CONFIG).write_bytes(self.config_bytes)
+
+
+def prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> OutputJournal:
+    """Rank 0: set a replaced run aside, set aside incomplete checkpoints, record the run's settings;
+    all of it undoable (the returned journal) until the first optimizer step."""
     out = Path(cfg.output_dir)
+    journal = OutputJournal(out, active=is_main())
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             for name in RUN_ARTIFACTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+                if (out / name).exists():
+                    journal.move(out / name, journal.trash / name)
             for ckpt in checkpoints(out):
-                shutil.rmtree(ckpt)
+                journal.move(ckpt, journal.trash / ckpt.name)
         newest = int(resume_from.name.split("-")[-1]) if resume_from is not None else -1
         for ckpt in checkpoints(out):
             if not (ckpt / COMPLETE_MARKER).is_file() or int(ckpt.name.split("-")[-1]) > newest:
-                ckpt.rename(ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}"))
+                journal.move(ckpt, ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}"))
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
     barrier()
-
-
-def flat_config(cfg: TrainConfig) -> FlatLoRAConfig:
-    return FlatLoRAConfig(sigma=cfg.sigma, schedule=cfg.flat_schedule, mode=cfg.flat_mode,
-                          seed=cfg.seed if cfg.flat_seed is None else cfg.flat_seed)  # fmt: skip
+    return journal
 
 
 def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
@@ -294,7 +432,7 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
         kwargs.update(fsdp_training_kwargs(cfg))
     args = TrainingArguments(
         output_dir=cfg.output_dir,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,  # HF: < 0 means num_train_epochs (0 would not)
         num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
@@ -516,7 +654,7 @@ def build_callbacks(trainer, cfg: TrainConfig, stop: StopRequest | None = None):
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
 
-    flat = FlatLoRACallback.attach(trainer, flat_config(cfg)) if cfg.sigma > 0 else None
+    flat = FlatLoRACallback.attach(trainer, cfg.flat_config()) if cfg.sigma > 0 else None
     trainer.flat_callback = flat
     trainer.add_callback(CheckpointGuard())
     trainer.graceful_stop = GracefulStop()
@@ -570,15 +708,20 @@ def sharded(cfg: TrainConfig, ds: dict[str, Any] | None) -> bool:
     return bool(cfg.fsdp) or bool(ds and ds.get("zero_optimization", {}).get("stage", 0) == 3)
 
 
-def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra) -> tuple[dict, dict]:
-    """Before/after accuracy from an unsharded copy on rank 0 (others wait at a barrier).
+def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra,
+                   stop: StopRequest | None = None) -> tuple[dict, dict] | None:  # fmt: skip
+    """Before/after accuracy from an unsharded copy on rank 0 (others wait at a barrier); ``None`` when a
+    SIGTERM reached rank 0 during it (checked between batches).
 
     Token-by-token generation through ZeRO-3/FSDP gathers every layer for every new token; one plain
     copy of base + saved adapter is far cheaper whenever the model fits one device.  "Before" is the
     base model with the adapter disabled, which is what LoRA's zero-initialised B starts from.
     """
+    from .evaluate import EvaluationStopped, stop_when
+
     before: dict[str, float] = {}
     after: dict[str, float] = {}
+    result: tuple[dict, dict] | None = (before, after)
     if is_main() and cfg.eval_generate_limit and heldout is not None:
         from peft import PeftModel
         from transformers.integrations import deepspeed as hf_ds
@@ -595,13 +738,16 @@ def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra) -> tuple
                 base = base.to(f"cuda:{torch.cuda.current_device()}")
             model = PeftModel.from_pretrained(base, str(adapter_dir))
             model.eval()
-            with model.disable_adapter():
-                before = _accuracy(cfg, model, tokenizer, heldout, extra)
-            after = _accuracy(cfg, model, tokenizer, heldout, extra)
+            with stop_when(lambda: stop is not None and stop.signum is not None):  # rank 0 alone: local flag
+                with model.disable_adapter():
+                    before.update(_accuracy(cfg, model, tokenizer, heldout, extra))
+                after.update(_accuracy(cfg, model, tokenizer, heldout, extra))
+        except EvaluationStopped:
+            result = None
         finally:
             hf_ds._hf_deepspeed_config_weak_ref = saved
     barrier()
-    return before, after
+    return result
 
 
 def load_data(cfg: TrainConfig, tokenizer):
@@ -668,56 +814,41 @@ def _run(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
 
     from transformers import set_seed
 
-    from .model import apply_lora, load_model
+    from .model import apply_lora, load_model, target_modules_problem
 
     set_seed(cfg.seed)
-    targets = cfg.lora_target_modules
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    targets = cfg.target_modules()
     args = training_arguments(cfg, ds)  # before the model: HF's ZeRO-3 init hooks need it
     model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                   load_in_4bit=cfg.load_in_4bit, attn_implementation=cfg.attn_implementation,
                                   gradient_checkpointing=cfg.gradient_checkpointing,
                                   trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    problem = target_modules_problem(model, targets)
+    if problem:
+        raise RunError(problem)
     model = apply_lora(
         model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets
     )
     train, heldout, extra = load_data(cfg, tokenizer)
-    prepare_output_dir(cfg, resume_from)  # only now: a failure above leaves the output folder as it was
-    with tensorboard_dir(cfg):
-        trainer = trainer_class()(model=model, args=args, train_dataset=train.dataset, data_collator=train.collator,
-                                  eval_dataset=heldout.dataset if heldout is not None and cfg.eval_steps else None)  # fmt: skip
-    flat_cb = build_callbacks(trainer, cfg, stop)
-    if resume_from is not None and (resume_from / RUN_STATE).is_file():
-        trainer.skipped_steps = json.loads((resume_from / RUN_STATE).read_text())["skipped_steps"]
-    before: dict[str, Any] = {}
-
-    from transformers import TrainerCallback
-
-    class Before(TrainerCallback):
-        """Held-out metrics and base fingerprint once the model is wrapped, before the first step."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            before["fingerprint"] = frozen_fingerprint(trainer.model)
-            if resume_from is None:
-                before["metrics"] = evaluate_all(
-                    cfg, trainer.model, tokenizer, heldout, extra, not split_eval
-                )
-
-    split_eval = sharded(cfg, ds)  # accuracy then comes from one unsharded copy on rank 0
-    trainer.add_callback(Before())
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # only now: a failure above leaves the output folder as it was; one below, until the first step, undoes
+    journal = prepare_output_dir(cfg, resume_from)
+    try:
+        trainer, result, boundaries = _train(cfg, ds, stop, model, tokenizer, args, train, heldout, extra,
+                                             resume_from, journal)  # fmt: skip
+    except BaseException:
+        journal.undo()
+        raise
+    journal.commit()
     out = Path(cfg.output_dir)
     if trainer.graceful_stop.stopped_at is not None:
         return stopped(trainer, out, stop)
-    after_metrics = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra, not split_eval)
     fingerprint_after = frozen_fingerprint(trainer.model)
     save_adapter(cfg, trainer.model, out / "adapter")
-    if split_eval:
-        acc_before, acc_after = gather_per_rank(rank0_accuracy(cfg, out / "adapter", heldout, extra))[0]
-        if before.get("metrics") is not None:
-            before["metrics"].update(acc_before)
-        after_metrics.update(acc_after)
+    after_metrics = final_evaluation(cfg, ds, trainer, tokenizer, heldout, extra, boundaries.before, stop)
     peaks = gather_per_rank(peak_memory_mb())
+    train_s = boundaries.train_seconds(trainer.state.log_history)
+    flat = trainer.flat_callback.flat if trainer.flat_callback is not None else None
+    tokens = trainer.state.num_input_tokens_seen - boundaries.tokens_at_start
     summary = {
         "model": cfg.model,
         "task": cfg.data or cfg.task,
@@ -727,19 +858,20 @@ def _run(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
         "resumed_from": str(resume_from) if resume_from else None,
         "steps": trainer.state.global_step,
         "skipped_steps": trainer.skipped_steps,
-        "metrics_before": before.get("metrics"),
+        "metrics_before": boundaries.before.get("metrics"),
         "metrics_after": after_metrics,
+        "final_evaluation": "complete" if after_metrics is not None else "stopped by SIGTERM",
         "train_loss": result.training_loss,
-        "base_fingerprint_before": before.get("fingerprint"),
+        "base_fingerprint_before": boundaries.before.get("fingerprint"),
         "base_fingerprint_after": fingerprint_after,
-        "base_weights_unchanged": before.get("fingerprint") == fingerprint_after,
+        "base_weights_unchanged": boundaries.before.get("fingerprint") == fingerprint_after,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": trainer.state.num_input_tokens_seen
-        / max(result.metrics.get("train_runtime", 1e-9), 1e-9),
+        "tokens_per_second": tokens / train_s if train_s > 0 else None,  # this session's training steps only
+        "train_time_s": train_s,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "peak_memory_mb_per_rank": peaks,
         "wall_time_s": time.time() - t0,
-        "flatlora": flat_cb.flat.stats() if flat_cb is not None and flat_cb.flat is not None else None,
+        "flatlora": flat.stats() if flat is not None else None,
         "data": {"train": train.stats, "heldout": heldout.stats if heldout is not None else None},
     }
     if cfg.merge:
@@ -749,9 +881,101 @@ def _run(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     if is_main():
         write_json_atomic(out / "summary.json", summary)
         plot_curves(trainer.state.log_history, out / "curves.png", f"{cfg.model} sigma={cfg.sigma}")
-        print(f"done: {out / 'summary.json'}  before={summary['metrics_before']}  after={after_metrics}")
+        if after_metrics is None:
+            print(f"stopped: SIGTERM during the final evaluation; training finished, {out / 'adapter'} is complete "
+                  f"and {out / 'summary.json'} has no after-metrics", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"done: {out / 'summary.json'}  before={summary['metrics_before']}  after={after_metrics}")
     barrier()
-    return summary
+    return {**summary, "stopped": True} if after_metrics is None else summary
+
+
+class Boundaries:
+    """Callback marking where training proper starts and ends: before its first step, the held-out
+    metrics and base fingerprint (once the model is wrapped) and then the clock and token count; after
+    the first step, the output folder's journal is committed; at the end, the clock stops.  So
+    ``train_seconds`` excludes the before/after evaluations and the periodic ones (``eval_runtime``)."""
+
+    def __init__(self, trainer, cfg: TrainConfig, tokenizer, heldout, extra, resumed: bool, accuracy: bool,
+                 journal: OutputJournal) -> None:  # fmt: skip
+        self.trainer, self.cfg, self.tokenizer, self.heldout, self.extra = trainer, cfg, tokenizer, heldout, extra
+        self.resumed, self.accuracy, self.journal = resumed, accuracy, journal
+        self.before: dict[str, Any] = {}
+        self.tokens_at_start = 0
+        self.start_step = 0
+        self.started = self.ended = 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        owner = self
+
+        class _Boundaries(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                owner.begin(state)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                owner.journal.commit()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                owner.ended = time.perf_counter()
+
+        return _Boundaries()
+
+    def begin(self, state) -> None:
+        model = self.trainer.model
+        self.before["fingerprint"] = frozen_fingerprint(model)
+        if not self.resumed:
+            self.before["metrics"] = evaluate_all(self.cfg, model, self.tokenizer, self.heldout, self.extra,
+                                                  self.accuracy)  # fmt: skip
+        self.tokens_at_start, self.start_step = state.num_input_tokens_seen, state.global_step
+        self.started = time.perf_counter()
+
+    def train_seconds(self, log_history: list[dict[str, Any]]) -> float:
+        evals = sum(r.get("eval_runtime", 0.0) for r in log_history if r.get("step", 0) > self.start_step)
+        return max(self.ended - self.started - evals, 0.0)
+
+
+def _train(cfg: TrainConfig, ds, stop: StopRequest, model, tokenizer, args, train, heldout, extra,
+           resume_from: Path | None, journal: OutputJournal):  # fmt: skip
+    """Build the Trainer and train; (trainer, train() result, boundaries)."""
+    with tensorboard_dir(cfg):
+        trainer = trainer_class()(model=model, args=args, train_dataset=train.dataset, data_collator=train.collator,
+                                  eval_dataset=heldout.dataset if heldout is not None and cfg.eval_steps else None)  # fmt: skip
+    build_callbacks(trainer, cfg, stop)
+    if resume_from is not None and (resume_from / RUN_STATE).is_file():
+        trainer.skipped_steps = json.loads((resume_from / RUN_STATE).read_text())["skipped_steps"]
+    split_eval = sharded(cfg, ds)  # accuracy then comes from one unsharded copy on rank 0
+    boundaries = Boundaries(trainer, cfg, tokenizer, heldout, extra, resume_from is not None, not split_eval, journal)
+    trainer.add_callback(boundaries.callback())
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer, result, boundaries
+
+
+def final_evaluation(cfg: TrainConfig, ds, trainer, tokenizer, heldout, extra, before: dict[str, Any],
+                     stop: StopRequest) -> dict[str, Any] | None:  # fmt: skip
+    """Held-out metrics of the trained model (the adapter is already saved); ``None`` if a SIGTERM stopped
+    it (checked between batches; ranks agree on it).  Sharded runs take accuracy from rank 0's unsharded
+    copy, whose "before" numbers are added to ``before['metrics']``."""
+    from .evaluate import EvaluationStopped, stop_when
+
+    split_eval = sharded(cfg, ds)
+    if is_main():
+        n = len(heldout.dataset) if heldout is not None else 0
+        print(f"final evaluation: {n} held-out examples", file=sys.stderr, flush=True)
+    try:
+        with stop_when(lambda: any_rank(stop.signum is not None)):  # every rank evaluates in lockstep
+            after = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra, not split_eval)
+    except EvaluationStopped:
+        return None
+    if split_eval:
+        accuracy = gather_per_rank(rank0_accuracy(cfg, Path(cfg.output_dir) / "adapter", heldout, extra, stop))[0]
+        if accuracy is None:
+            return None
+        if before.get("metrics") is not None:
+            before["metrics"].update(accuracy[0])
+        after.update(accuracy[1])
+    return after
 
 
 def stopped(trainer, out: Path, stop: StopRequest) -> dict[str, Any]:
@@ -767,8 +991,10 @@ def stopped(trainer, out: Path, stop: StopRequest) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 finished; 2 user error (one ``error:`` line, never a traceback); 143 stopped on
-    SIGTERM with a complete checkpoint (rerun with ``--resume``)."""
+    """Entry point: 0 finished (or ``--resume`` of a finished run: nothing to do); 2 user error (one
+    ``error:`` line, never a traceback, the output folder untouched); 143 stopped on SIGTERM: during
+    training with a complete checkpoint (rerun with ``--resume``), or during the final evaluation with
+    the adapter and summary written."""
     from .data import DataError
     from .model import ModelLoadError
 
@@ -778,4 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except AlreadyFinished as e:
+        if is_main():
+            print(f"nothing to do: {e}")
+        return 0
     return STOPPED_EXIT_CODE if summary.get("stopped") else 0
