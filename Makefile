@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 NPROC ?= 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast mutants lint bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra tests
+
+# Everyday tier (< 3 min on 2 cores): everything not marked slow (no multi-process or end-to-end runs).
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+# Plant each bug of tests/mutants/mutants.py in a temporary copy; every one must fail the fast tier.
+mutants: install
+	$(PY) tests/mutants/run.py
 
 lint: install
 	$(VENV)/bin/ruff check flatlora_dist launch tests bench
