@@ -26,6 +26,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from ds_common import load_ds_config, tiny_model
+from tiny_lora import capture_input_grad
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -103,14 +104,21 @@ class RegionLog:
 
 
 # ---------------------------------------------------------------------------------------------- check 1
-def check_perturbation(engine, flat: FlatLoRA, step: int, tag: str) -> dict:
-    """Gathered W'-W under DeepSpeed vs the plain single-process engine on the same weights."""
+def reference_model(engine):
+    """A plain single-process model with the engine's base weights (same seed) and its current LoRA
+    weights (gathered: collective; call it while no ZeRO-3 gather is in flight)."""
     ref = tiny_model(DTYPES_OF[id(engine)], seed=0)
-    ref_lora = gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad})
+    lora = gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad})
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if p.requires_grad:
-                p.copy_(ref_lora[n])
+                p.copy_(lora[n])
+    return ref
+
+
+def check_perturbation(engine, flat: FlatLoRA, step: int, tag: str) -> dict:
+    """Gathered W'-W under DeepSpeed vs the plain single-process engine on the same weights."""
+    ref = reference_model(engine)
     ref_flat = FlatLoRA(ref, flat.config)
     w0 = gathered(base_weights(flat))
     ref0 = {t.name: t.weight.detach().clone() for t in ref_flat.targets}
@@ -410,20 +418,6 @@ def check_adapter(engine, out_dir: Path) -> dict:
     return res
 
 
-def _capture_input_grad(model) -> tuple[object, list[torch.Tensor]]:
-    """Hook the token embedding so its output is a leaf that requires grad: after backward, its ``.grad``
-    is the gradient of the loss with respect to the transformer's input (through every base weight)."""
-    emb = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
-    store: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        leaf = output.detach().requires_grad_(True)
-        store.append(leaf)
-        return leaf
-
-    return emb.register_forward_hook(hook), store
-
-
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
 """fp32; the reference's row norms are summed in another order than the 2 ranks' all-reduce (std equal to
 ~1e-7 relative), and its LoRA gradients are averaged over ranks by hand."""
@@ -433,14 +427,9 @@ def reference_grads(engine, x_of_rank: list[torch.Tensor], sigma: float) -> tupl
     """Single process, in place, same LoRA weights and step: LoRA gradients averaged over the ranks'
     batches (what data parallelism computes) and this rank's input gradient."""
     rank = dist.get_rank()
-    ref = tiny_model(DTYPES_OF[id(engine)], seed=0)
-    lora = gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad})
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if p.requires_grad:
-                p.copy_(lora[n])
+    ref = reference_model(engine)
     ref_flat = FlatLoRA(ref, flat_config(sigma))
-    handle, store = _capture_input_grad(ref)
+    handle, store = capture_input_grad(ref)
     with ref_flat.perturbed(2):
         for q, x in enumerate(x_of_rank):
             (ref(input_ids=x, labels=x).loss / len(x_of_rank)).backward()
@@ -463,6 +452,9 @@ def check_functional(engine, flat: FlatLoRA, gas: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     func = FlatLoRA(engine, flat_config(mode="functional"))
     x = batch(7, rank, 2)
+    xs = [batch(7, q, 2) for q in range(world)]
+    want, want_dx = reference_grads(engine, xs, SIGMA)  # before the forward that leaves gathers in flight
+    clean, _ = reference_grads(engine, xs, 0.0)
     with torch.no_grad():
         engine(input_ids=x, labels=x)
     status = [p.ds_status.name for p in engine.module.parameters() if hasattr(p, "ds_status")]
@@ -471,10 +463,7 @@ def check_functional(engine, flat: FlatLoRA, gas: int) -> dict:
         out = {"functional.inplace_loss": float(engine(input_ids=x, labels=x).loss)}
     out["functional.inflight_before"] = status.count("INFLIGHT")
     out["functional.base_not_partitioned_before"] = len(bases) - bases.count("NOT_AVAILABLE")
-    xs = [batch(7, q, 2) for q in range(world)]
-    want, want_dx = reference_grads(engine, xs, SIGMA)
-    clean, _ = reference_grads(engine, xs, 0.0)
-    handle, store = _capture_input_grad(engine.module)
+    handle, store = capture_input_grad(engine.module)
     with func.perturbed(2):
         for k in range(gas):
             loss = engine(input_ids=x, labels=x).loss

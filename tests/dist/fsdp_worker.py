@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from fsdp_common import base_model, tiny_model, wrap
+from tiny_lora import capture_input_grad
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
 from flatlora_dist.noise import noise_range
@@ -195,20 +196,6 @@ def check_adapter(model, ref, kind: str, out_dir: str, seed: int) -> dict:
     return res
 
 
-def _capture_input_grad(model) -> tuple[object, list[torch.Tensor]]:
-    """Hook the token embedding so its output is a leaf that requires grad: after backward, its ``.grad``
-    is the gradient of the loss with respect to the transformer's input (through every base weight)."""
-    emb = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
-    store: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        leaf = output.detach().requires_grad_(True)
-        store.append(leaf)
-        return leaf
-
-    return emb.register_forward_hook(hook), store
-
-
 def _local_lora_grads(model) -> dict[str, torch.Tensor]:
     """This rank's part of every LoRA gradient (FSDP2: the local shard; FSDP1: the local flat view)."""
     out = {}
@@ -220,7 +207,7 @@ def _local_lora_grads(model) -> dict[str, torch.Tensor]:
 
 
 def _grads_at_step(model, flat: FlatLoRA, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
-    handle, store = _capture_input_grad(model)
+    handle, store = capture_input_grad(model)
     try:
         with flat.perturbed(STEP):
             loss = model(input_ids=x, labels=x).loss
