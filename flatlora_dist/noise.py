@@ -31,6 +31,7 @@ def noise_scheme() -> str:
     """Name of the noise definition in use; checkpoints record it, and a resume must use the same one."""
     return "blocks"
 
+
 _LOCAL = threading.local()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1

@@ -57,6 +57,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
         ({}, ["--flat_schedule", "constant"], "flat_schedule: 'cosine' -> 'constant'"),
         ({"noise_scheme": "fused"}, [], "noise scheme: 'fused' -> 'blocks'"),
     ],
+    ids=["sigma", "sigma_0", "flat_seed", "seed", "flat_seed_over_seed", "schedule", "scheme"],
 )
 def test_resume_with_other_noise_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch, saved, extra, named):
     out = saved_run(tmp_path, saved)

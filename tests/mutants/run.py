@@ -95,7 +95,7 @@ def pytest_env(copy: Path) -> dict[str, str]:
 def first_failure(output: str) -> str:
     """The first ``FAILED``/``ERROR`` test id in pytest's short summary, or a short reason."""
     for line in output.splitlines():
-        m = re.match(r"(FAILED|ERROR) (\S+)", line)
+        m = re.match(r"(FAILED|ERROR) (.+?)(?: - |$)", line)
         if m:
             return m.group(2)
     tail = [ln for ln in output.strip().splitlines() if ln.strip()]
