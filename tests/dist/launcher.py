@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,16 @@ def fork_launch(
         procs = [ctx.Process(target=_forked_rank, args=(fn, args, out, worker_env(r, world, port))) for r in range(world)]
         for p in procs:
             p.start()
-        failed = []
-        for r, p in enumerate(procs):
-            p.join(timeout)
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # one rank failed: the others would wait for it in a collective until the deadline
+            time.sleep(0.05)
+        failed = [(r, p.exitcode if p.exitcode is not None else "killed") for r, p in enumerate(procs) if p.exitcode != 0]
+        for p in procs:
             if p.is_alive():
-                for q in procs:
-                    q.kill()
-                failed.append((r, "timeout"))
-            elif p.exitcode != 0:
-                failed.append((r, p.exitcode))
+                p.kill()
+                p.join()
         if failed:
             raise RuntimeError(f"forked ranks failed {failed} for {args}")
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
