@@ -7,7 +7,7 @@ run ``pytest -x`` on the copy, record the first failing test.  Prints a table (m
 and exits 0 only when the baseline passed and every mutant was caught.
 
 The fast tier runs in a fixed file order, the core's tests first (a caught mutant stops at its first
-failure); the selection is the same as ``make test-fast``.
+failure); the selection is the same as ``make test-fast``, with Hypothesis seeded (``PYTEST_ARGS``).
 
     python tests/mutants/run.py [--jobs 2] [--only name,name] [--list] [--keep]
 """
@@ -37,6 +37,9 @@ FIRST = ("test_noise.py", "test_layout.py", "test_sharded_regions.py", "test_inp
          "test_engine.py", "test_norm_reduction.py", "test_app_guards.py", "test_qlora.py")  # fmt: skip
 """Test files run first, in this order (the core's); the rest of ``tests/test_*.py`` follow by name."""
 TIMEOUT_S = 900
+PYTEST_ARGS = ("-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", "--hypothesis-seed=0")
+"""The fast tier's selection; Hypothesis tests with a fixed seed, so that baseline and mutants see the same
+examples (a random example failing would abort the baseline or count as catching a mutant by chance)."""
 
 
 @dataclass
@@ -103,8 +106,7 @@ def first_failure(output: str) -> str:
 
 
 def run_tier(copy: Path, extra: tuple[str, ...] = ("-x",)) -> tuple[int, str, float]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *extra,
-           *test_files(copy / "tests")]  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, *extra, *test_files(copy / "tests")]
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, cwd=copy, env=pytest_env(copy), capture_output=True, text=True, timeout=TIMEOUT_S)
