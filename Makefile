@@ -15,7 +15,7 @@ NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" 
 # The demo's own output folder: each `make demo` replaces it (--overwrite of this folder only).
 DEMO_OUT := outputs/make-demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast mutants lint bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra tests
+
+# Everyday tier (< 3 min on 2 cores): everything not marked slow (no multi-process or end-to-end runs).
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+# Plant each bug of tests/mutants/mutants.py in a temporary copy; every one must fail the fast tier.
+mutants: install
+	$(PY) tests/mutants/run.py
 
 lint: install
 	$(VENV)/bin/ruff check flatlora_dist launch tests bench

@@ -26,6 +26,12 @@ import torch
 NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
 
+
+def noise_scheme() -> str:
+    """Name of the noise definition in use; checkpoints record it, and a resume must use the same one."""
+    return "blocks"
+
+
 _LOCAL = threading.local()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1

@@ -31,6 +31,7 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # a full training run of the app
 @pytest.mark.parametrize("sigma", ["0.05", "0"])
 def test_train_writes_summary_with_unchanged_base(tmp_path, sigma):
     code, out = run_app(tmp_path, "--max_steps", "4", "--sigma", sigma)
@@ -50,6 +51,7 @@ def test_train_writes_summary_with_unchanged_base(tmp_path, sigma):
     assert tensors and all(t.numel() > 0 for t in tensors.values())
 
 
+@pytest.mark.slow  # a full training run of the app
 def test_flat_lora_changes_training_but_not_the_base(tmp_path):
     _, plain = run_app(tmp_path, "--max_steps", "4", "--sigma", "0", "--flat_schedule", "constant", out="plain")
     _, flat = run_app(tmp_path, "--max_steps", "4", "--sigma", "0.5", "--flat_schedule", "constant", out="flat")
@@ -61,6 +63,7 @@ def test_flat_lora_changes_training_but_not_the_base(tmp_path):
     assert sa["base_fingerprint_before"] == sb["base_fingerprint_after"]
 
 
+@pytest.mark.slow  # a full training run of the app
 def test_output_dir_holding_a_run_is_refused(tmp_path, capsys):
     code, out = run_app(tmp_path, "--max_steps", "1")
     assert code == 0
@@ -100,6 +103,7 @@ def test_malformed_ds_config_names_the_line(tmp_path, capsys):
     assert code == 2 and "line 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a full training run of the app
 def test_yaml_config_with_overrides(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 3\nsigma: 0.1\nlora_r: 2\n")

@@ -158,12 +158,17 @@ def test_gathered_lora_state_dict_saves_a_loadable_adapter(scenario):
 
 
 def test_functional_mode_reads_the_gathered_weight():
-    """Functional mode equals in-place mode; both run right after an evaluation forward that left
-    ZeRO-3 prefetches in flight (the backend completes them before reading or writing)."""
+    """Functional mode equals in-place mode (loss) and a single-process in-place reference (LoRA and input
+    gradients); both run right after an evaluation forward that left ZeRO-3 prefetches in flight (the
+    backend completes them before reading or writing)."""
     for r in run("z3"):
         assert r["functional.inflight_before"] > 0
         assert r["functional.functional_loss"] == pytest.approx(r["functional.inplace_loss"], abs=1e-5)
-        assert r["functional.grad_finite"]
+        # LoRA A/B and input gradients vs a single-process in-place reference (ds_worker.GRAD_TOL)
+        assert r["functional.lora_grads"] == 2 * len(r["names"])
+        assert r["functional.lora_grads_close"], r["functional.lora_grad_max_abs_diff"]
+        assert r["functional.input_grad_close"]
+        assert r["functional.noise_grad_effect"] > 20 * r["functional.lora_grad_max_abs_diff"], "noise must matter"
 
 
 # ---------------------------------------------------------------------------------------------- in-process

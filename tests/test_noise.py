@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -9,6 +11,28 @@ from flatlora_dist.noise import NOISE_BLOCK, noise_chunks, noise_range
 from flatlora_dist.schedule import noise_factor
 
 N = 2 * NOISE_BLOCK + 12345  # three blocks, the last one partial
+
+# The noise's definition, pinned: sha256 of the float32 bytes of ``noise_range`` over GOLDEN_NUMEL
+# elements (four noise blocks, the last partial) for each key of GOLDEN_KEYS, in order.  A change here
+# changes every draw: runs resumed across versions would continue with other noise.  One entry per noise
+# scheme; values are for torch's CPU generator (torch 2.13, x86-64), the only device CI has.
+GOLDEN_NUMEL = 3 * NOISE_BLOCK + 4321
+GOLDEN_KEYS = [(1234, 7, "model.layers.0.self_attn.q_proj"), (0, 0, "w")]
+GOLDEN = {
+    "blocks": "ca70fb45307e5dd55bd36011ab236ff86f0a013ab26bac65f73c3806ebc737d9",
+}
+SCHEMES = {"blocks": noise_range}
+"""Scheme name -> ``noise_range``-like callable ``(seed, step, name, numel, start, stop) -> float32``."""
+
+
+@pytest.mark.parametrize("scheme", sorted(GOLDEN))
+def test_noise_matches_its_pinned_golden_hash(scheme):
+    h = hashlib.sha256()
+    for seed, step, name in GOLDEN_KEYS:
+        z = SCHEMES[scheme](seed, step, name, GOLDEN_NUMEL, 0, GOLDEN_NUMEL)
+        assert z.dtype == torch.float32 and z.shape == (GOLDEN_NUMEL,)
+        h.update(z.numpy().tobytes())
+    assert h.hexdigest() == GOLDEN[scheme], f"the {scheme!r} noise definition changed"
 
 
 def test_same_inputs_give_identical_values():

@@ -81,6 +81,7 @@ def assert_merged_is_base_plus_lora(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 1
+@pytest.mark.slow  # end to end: the app in a subprocess, killed and resumed
 def test_sigkill_mid_window_then_resume_equals_uninterrupted(tmp_path):
     """SIGKILL at micro-batch 2 of 3 of step 5 (after checkpoint-4, noise in the weights); partial
     checkpoints 6 and 9 lie around; --resume --merge continues from checkpoint-4 and ends where the
@@ -119,6 +120,7 @@ def test_sigkill_mid_window_then_resume_equals_uninterrupted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 2
+@pytest.mark.slow  # end to end: the app in a subprocess, killed and resumed
 def test_sigterm_writes_complete_checkpoint_exits_143_and_resumes(tmp_path):
     """SIGTERM mid-window at step 3 (not a save step), twice (as when both the process group and the
     DeepSpeed launcher signal a rank): the step finishes, checkpoint-3 is written and marked

@@ -222,6 +222,7 @@ def check_output_dir(cfg: TrainConfig) -> Path | None:
         ckpt = last_complete_checkpoint(out) if out.is_dir() else None
         if ckpt is not None:
             _check_resume_config(out, cfg)
+            check_resume_noise(ckpt, cfg)
         return ckpt
     if holds_run and not cfg.overwrite:
         raise RunError(f"--output_dir {out} already holds a run; pass --resume to continue it, "
@@ -284,6 +285,32 @@ def check_attention(cfg: TrainConfig) -> None:
                                   and FLASH_ATTENTION_COMPATIBILITY_MATRIX[int(version)]["general_availability_check"]()):  # fmt: skip
         raise RunError(f"--attn_implementation {name} needs CUDA and its flash-attention package, which this "
                        "machine lacks; use sdpa or eager (or leave it unset)")  # fmt: skip
+
+
+def check_resume_noise(ckpt: Path, cfg: TrainConfig) -> None:
+    """Refuse a resume whose noise would differ from the checkpoint's (its ``flatlora_state.json``):
+    sigma, the effective noise seed, the schedule or the noise scheme.  No state file: nothing to check
+    (the saved run had sigma 0, or predates the file; ``run_config.json`` is checked separately)."""
+    from ..hf import STATE_FILE
+    from ..noise import noise_scheme
+
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        state = json.loads(path.read_text())
+        saved = state["config"]
+        was = {"sigma": saved["sigma"], "flat_seed": saved["seed"], "flat_schedule": saved["schedule"],
+               "noise scheme": state.get("noise_scheme", "blocks")}  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is not a Flat-LoRA state file ({e}); resume from another checkpoint or use --overwrite") from e
+    now = flat_config(cfg)
+    asked = {"sigma": cfg.sigma, "flat_seed": now.seed, "flat_schedule": now.schedule, "noise scheme": noise_scheme()}
+    changed = [k for k in was if was[k] != asked[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {was[k]!r} -> {asked[k]!r}" for k in changed)
+        raise RunError(f"--resume would draw other Flat-LoRA noise than {ckpt.name} ({diffs}); "
+                       "resume with the original noise settings or use --overwrite")  # fmt: skip
 
 
 def preflight(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:

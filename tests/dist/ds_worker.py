@@ -26,6 +26,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from ds_common import load_ds_config, tiny_model
+from tiny_lora import capture_input_grad
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -103,14 +104,21 @@ class RegionLog:
 
 
 # ---------------------------------------------------------------------------------------------- check 1
-def check_perturbation(engine, flat: FlatLoRA, step: int, tag: str) -> dict:
-    """Gathered W'-W under DeepSpeed vs the plain single-process engine on the same weights."""
+def reference_model(engine):
+    """A plain single-process model with the engine's base weights (same seed) and its current LoRA
+    weights (gathered: collective; call it while no ZeRO-3 gather is in flight)."""
     ref = tiny_model(DTYPES_OF[id(engine)], seed=0)
-    ref_lora = gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad})
+    lora = gathered({n: p for n, p in engine.module.named_parameters() if p.requires_grad})
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if p.requires_grad:
-                p.copy_(ref_lora[n])
+                p.copy_(lora[n])
+    return ref
+
+
+def check_perturbation(engine, flat: FlatLoRA, step: int, tag: str) -> dict:
+    """Gathered W'-W under DeepSpeed vs the plain single-process engine on the same weights."""
+    ref = reference_model(engine)
     ref_flat = FlatLoRA(ref, flat.config)
     w0 = gathered(base_weights(flat))
     ref0 = {t.name: t.weight.detach().clone() for t in ref_flat.targets}
@@ -410,34 +418,71 @@ def check_adapter(engine, out_dir: Path) -> dict:
     return res
 
 
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
+"""fp32; the reference's row norms are summed in another order than the 2 ranks' all-reduce (std equal to
+~1e-7 relative), and its LoRA gradients are averaged over ranks by hand."""
+
+
+def reference_grads(engine, x_of_rank: list[torch.Tensor], sigma: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Single process, in place, same LoRA weights and step: LoRA gradients averaged over the ranks'
+    batches (what data parallelism computes) and this rank's input gradient."""
+    rank = dist.get_rank()
+    ref = reference_model(engine)
+    ref_flat = FlatLoRA(ref, flat_config(sigma))
+    handle, store = capture_input_grad(ref)
+    with ref_flat.perturbed(2):
+        for q, x in enumerate(x_of_rank):
+            (ref(input_ids=x, labels=x).loss / len(x_of_rank)).backward()
+            if q == rank:
+                dx_index = len(store) - 1
+    handle.remove()
+    grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+    return grads, store[dx_index].grad * len(x_of_rank)  # undo the 1/world of the averaged loss
+
+
 def check_functional(engine, flat: FlatLoRA, gas: int) -> dict:
-    """Functional mode reads the gathered weight inside forward and backward: same loss as inplace.
+    """Functional mode reads the gathered weight inside forward and backward: same loss as in place, and
+    LoRA A/B gradients (full, ``safe_get_full_grad``) and the input gradient equal a single-process
+    in-place reference at the same step (``GRAD_TOL``); without noise they would differ.
 
     Run after an evaluation-style forward without backward, which leaves ZeRO-3 prefetches in flight.
     """
     from deepspeed.utils import safe_get_full_grad
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     func = FlatLoRA(engine, flat_config(mode="functional"))
     x = batch(7, rank, 2)
+    xs = [batch(7, q, 2) for q in range(world)]
+    want, want_dx = reference_grads(engine, xs, SIGMA)  # before the forward that leaves gathers in flight
+    clean, _ = reference_grads(engine, xs, 0.0)
     with torch.no_grad():
         engine(input_ids=x, labels=x)
-    probe = next(p for n, p in engine.module.named_parameters() if "lora_A" in n)
     status = [p.ds_status.name for p in engine.module.parameters() if hasattr(p, "ds_status")]
     bases = [t.weight.ds_status.name for t in flat.targets if hasattr(t.weight, "ds_status")]
     with torch.no_grad(), flat.perturbed(2):
         out = {"functional.inplace_loss": float(engine(input_ids=x, labels=x).loss)}
     out["functional.inflight_before"] = status.count("INFLIGHT")
     out["functional.base_not_partitioned_before"] = len(bases) - bases.count("NOT_AVAILABLE")
+    handle, store = capture_input_grad(engine.module)
     with func.perturbed(2):
         for k in range(gas):
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             if k < gas - 1:
                 engine.step()  # not an accumulation boundary
-    grad = safe_get_full_grad(probe)
+    handle.remove()
+    lora = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    grads = {n: safe_get_full_grad(p) for n, p in lora.items()}  # collective: every rank, same order
+    got_dx = store[-1].grad * gas  # engine.backward scales each micro-batch's loss by 1/gas
     out["functional.functional_loss"] = float(loss)
-    out["functional.grad_finite"] = grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)
+    out["functional.lora_grads"] = sum(g is not None for g in grads.values())
+    out["functional.lora_grads_close"] = grads.keys() == want.keys() and all(
+        g is not None and torch.allclose(g.float(), want[n], **GRAD_TOL) for n, g in grads.items()
+    )
+    out["functional.input_grad_close"] = torch.allclose(got_dx, want_dx, **GRAD_TOL)
+    diff = max(float((grads[n].float() - want[n]).abs().max()) for n in want if grads[n] is not None)
+    noise = max(float((want[n] - clean[n]).abs().max()) for n in want)
+    out["functional.lora_grad_max_abs_diff"], out["functional.noise_grad_effect"] = diff, noise
     engine.step()
     return out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from fsdp_common import base_model, tiny_model, wrap
+from tiny_lora import capture_input_grad
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
 from flatlora_dist.noise import noise_range
@@ -195,20 +196,52 @@ def check_adapter(model, ref, kind: str, out_dir: str, seed: int) -> dict:
     return res
 
 
+def _local_lora_grads(model) -> dict[str, torch.Tensor]:
+    """This rank's part of every LoRA gradient (FSDP2: the local shard; FSDP1: the local flat view)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            g = p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad
+            out[state_dict_key(n)] = g.detach().clone()
+    return out
+
+
+def _grads_at_step(model, flat: FlatLoRA, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+    handle, store = capture_input_grad(model)
+    try:
+        with flat.perturbed(STEP):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+    finally:
+        handle.remove()
+    grads = _local_lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads, store[0].grad.detach().clone()
+
+
+GRAD_TOL = {"rtol": 1e-5, "atol": 1e-7}
+"""fp32, the same rounded ``W + e`` in both modes: only the matmuls' summation order may differ."""
+
+
 def check_functional(model, flat: FlatLoRA, kind: str) -> dict:
     """Functional mode (noisy weight built inside forward/backward from the unsharded weight) gives the
-    in-place loss at the same step."""
+    in-place loss, LoRA A/B gradients and input gradient at the same step (``GRAD_TOL``)."""
     x = batch(dist.get_rank(), 99)
-    with flat.perturbed(STEP):
-        inplace = float(model(input_ids=x, labels=x).loss)
+    inplace_loss, inplace_grads, inplace_dx = _grads_at_step(model, flat, x)
     func = FlatLoRA(model, cfg(mode="functional"))
-    with func.perturbed(STEP):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    ok = bool(grads) and all(bool(torch.isfinite(g.full_tensor() if type(g).__name__ == "DTensor" else g).all()) for g in grads)
-    model.zero_grad(set_to_none=True)
-    return {"functional.inplace_loss": inplace, "functional.functional_loss": float(loss), "functional.grad_finite": ok}
+    loss, grads, dx = _grads_at_step(model, func, x)
+    lora_close = grads.keys() == inplace_grads.keys() and all(
+        torch.allclose(grads[n], inplace_grads[n], **GRAD_TOL) for n in grads
+    )
+    return {
+        "functional.inplace_loss": inplace_loss,
+        "functional.functional_loss": loss,
+        "functional.lora_grads": len(grads),
+        "functional.lora_grads_close": lora_close,
+        "functional.lora_grad_max_abs": max((float(g.abs().max()) for g in grads.values() if g.numel()), default=0.0),
+        "functional.input_grad_close": torch.allclose(dx, inplace_dx, **GRAD_TOL),
+        "functional.input_grad_max_abs": float(dx.abs().max()),
+    }
 
 
 def check_cycles(case: dict, world: int, n: int) -> dict:

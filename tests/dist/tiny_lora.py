@@ -1,4 +1,5 @@
-"""PEFT LoRA as the DeepSpeed and FSDP workers' tiny models get it (``ds_common``/``fsdp_common.tiny_model``)."""
+"""PEFT LoRA as the DeepSpeed and FSDP workers' tiny models get it (``ds_common``/``fsdp_common.tiny_model``),
+and the input-gradient probe both workers' functional checks use."""
 
 from __future__ import annotations
 
@@ -18,3 +19,18 @@ def with_lora(model, r: int, seed: int):
             if "lora_B" in name:  # B = 0 would make s*BA vanish from the norms
                 p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
     return model
+
+
+def capture_input_grad(model):
+    """Hook the token embedding so its output is a leaf that requires grad: after backward, that leaf's
+    ``.grad`` is the gradient of the loss with respect to the transformer's input (it flows back through
+    every base weight).  Returns ``(hook handle, list of the leaves, one per forward)``."""
+    emb = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
+    store = []
+
+    def hook(module, inputs, output):
+        leaf = output.detach().requires_grad_(True)
+        store.append(leaf)
+        return leaf
+
+    return emb.register_forward_hook(hook), store
