@@ -175,7 +175,8 @@ def test_unknown_task_name(tok):
         ([ALPACA[0], {"instruction": "x", "output": 5}], r"m\.jsonl:2: field 'output' must be a string, got int"),
         ([ALPACA[0], {"instruction": "x", "output": " "}], r"m\.jsonl:2: field 'output' is empty"),
         ([ALPACA[0], "[1, 2]"], r"m\.jsonl:2: expected a JSON object, got list"),
-        ([{"text": "hello"}], r"m\.jsonl:1: unknown format \(keys: text\)"),
+        ([{"text": "hello"}], r"m\.jsonl:1: unknown format \(keys: 'text'\)"),
+        ([{"\n": None}], r"m\.jsonl:1: unknown format \(keys: '\\n'\)"),  # a key holding a newline stays one line
         ([CHAT[0], {"messages": [{"role": "user", "content": "hi"}]}], r"m\.jsonl:2: no assistant message"),
         ([{"messages": [{"role": "bot", "content": "hi"}]}], r"m\.jsonl:1: messages\[0\] has role 'bot'"),
         ([{"messages": [{"role": "user"}]}], r"m\.jsonl:1: messages\[0\] missing required field\(s\) 'content'"),

@@ -286,6 +286,11 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def record_keys(record: dict) -> str:
+    """A record's keys for one-line error messages: quoted (a key may hold a newline), sorted."""
+    return ", ".join(repr(k) for k in sorted(record)) or "none"
+
+
 def detect_format(record: dict[str, Any]) -> str | None:
     """``chat`` for a ``messages`` record, ``alpaca`` for ``instruction``/``output``, else None."""
     if "messages" in record:
@@ -376,7 +381,7 @@ def load_jsonl_examples(
         first_line, first = records[0]
         fmt = detect_format(first)
         if fmt is None:
-            keys = ", ".join(sorted(first)) or "none"
+            keys = record_keys(first)
             raise DataError(
                 f"{p}:{first_line}: unknown format (keys: {keys}); expected 'messages' (chat) "
                 "or 'instruction' + 'output' (alpaca)"

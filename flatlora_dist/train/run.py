@@ -171,7 +171,7 @@ def check_ds_batch(cfg: TrainConfig, ds: dict[str, Any], path: str) -> None:
 
 def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | None) -> None:
     """Parse a JSONL file's records (no tokenizer needed): malformed lines fail here, before any work."""
-    from .data import DataError, _file_for, detect_format, parse_alpaca, parse_chat, read_jsonl
+    from .data import DataError, _file_for, detect_format, parse_alpaca, parse_chat, read_jsonl, record_keys
 
     p = _file_for(Path(path).expanduser(), split)
     records = read_jsonl(p)
@@ -180,9 +180,9 @@ def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | No
     looks = detect_format(first)
     if fmt != "auto" and looks not in (None, fmt):
         raise RunError(f"--data_format {fmt}, but {p}:{first_line} is in {looks} format (keys: "
-                       f"{', '.join(sorted(first))}); use --data_format {looks} or auto")  # fmt: skip
+                       f"{record_keys(first)}); use --data_format {looks} or auto")  # fmt: skip
     if kind not in ("alpaca", "chat"):
-        raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {', '.join(sorted(first)) or 'none'}); "
+        raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {record_keys(first)}); "
                         "expected 'messages' (chat) or 'instruction' + 'output' (alpaca)")  # fmt: skip
     parse = parse_chat if kind == "chat" else parse_alpaca
     for lineno, rec in records[:limit] if limit is not None else records:
@@ -304,7 +304,7 @@ def check_resume_noise(ckpt: Path, cfg: TrainConfig) -> None:
                "noise scheme": state.get("noise_scheme", "blocks")}  # fmt: skip
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is not a Flat-LoRA state file ({e}); resume from another checkpoint or use --overwrite") from e
-    now = flat_config(cfg)
+    now = cfg.flat_config()
     asked = {"sigma": cfg.sigma, "flat_seed": now.seed, "flat_schedule": now.schedule, "noise scheme": noise_scheme()}
     changed = [k for k in was if was[k] != asked[k]]
     if changed:
