@@ -1,7 +1,7 @@
 """Kernel launches and host syncs of one perturb + stats() + restore, counted from dispatched ops.
 
     .venv/bin/python bench/launches.py --json [--scheme fused|blocks|both] [--dtype float32|bfloat16]
-        [--fused-scale 16] [--blocks-scale 1]
+        [--fused-scale 16] [--blocks-scale 1] [--device cpu|cuda] [--details]
 
 One LLaMA-7B decoder layer's LoRA targets (q, k, v, o 4096x4096; gate, up 11008x4096; down
 4096x11008; r = 16), single process, CPU tensors.  ``scale`` divides every dimension (the fused count
@@ -103,13 +103,13 @@ def layer_model(scale: int = 1, dtype: torch.dtype = torch.float32, rank: int = 
     return model
 
 
-def count(scheme: str, scale: int, dtype: torch.dtype) -> dict:
+def count(scheme: str, scale: int, dtype: torch.dtype, device: str = "cpu") -> dict:
     """Launches and syncs of one perturb + stats() + restore under ``FLATLORA_KERNELS=scheme``."""
     from flatlora_dist import FlatLoRA, FlatLoRAConfig, noise
 
     os.environ["FLATLORA_KERNELS"] = scheme
     noise.CPU_DRAW_THREADS = 0  # the draws run (and are counted) in the main thread
-    model = layer_model(scale, dtype)
+    model = layer_model(scale, dtype).to(device)
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=1))
     flat.perturb(0)  # warm-up: Triton compilation, lazy imports
     flat.restore()
@@ -131,6 +131,7 @@ def count(scheme: str, scale: int, dtype: torch.dtype) -> dict:
         "elements": sum(t.layout.numel for t in flat.targets),
         "scale": scale,
         "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
         "phases": phases,
         "ops": dict(total.ops.most_common()),
         "fixups": flat.stats()["fixups"],
@@ -145,13 +146,14 @@ def main() -> None:
     ap.add_argument("--fused-scale", type=int, default=16, help="divide the 7B shapes by this for the fused count")
     ap.add_argument("--blocks-scale", type=int, default=1, help="divide the 7B shapes by this for the blocks count")
     ap.add_argument("--details", action="store_true", help="include per-phase counts and ops by name")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    if args.scheme != "blocks":
+    if args.scheme != "blocks" and args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the fused kernels run in the interpreter
     dtype = getattr(torch, args.dtype)
     out = {}
     for scheme in (["fused", "blocks"] if args.scheme == "both" else [args.scheme]):
-        res = count(scheme, args.fused_scale if scheme == "fused" else args.blocks_scale, dtype)
+        res = count(scheme, args.fused_scale if scheme == "fused" else args.blocks_scale, dtype, args.device)
         if not args.details:
             res = {k: v for k, v in res.items() if k not in ("ops", "phases")}
         out[scheme] = res

@@ -73,7 +73,7 @@ class FlatLoRA:
         self._in_features = torch.cat(
             [torch.full((t.layout.out_features,), float(t.layout.in_features)) for t in self.targets]
         ).to(self._norms.device)
-        self.scheme = scheme_for(self._compute_device())
+        self.scheme = scheme_for(self._storage_device())
         """``"fused"`` or ``"blocks"`` (``FLATLORA_KERNELS``; see ``kernels``): fixed for the engine's life."""
         self._active: _Active | None = None
         self._last_step: int | None = None
@@ -94,6 +94,15 @@ class FlatLoRA:
     def _comm_device(self) -> torch.device:
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
+        return self._compute_device()
+
+    def _storage_device(self) -> torch.device:
+        """Where the base weights' storage lives: CPU when any target's is (ZeRO-3 ``offload_param``
+        keeps partitions in CPU memory), else the compute device.  ``auto`` picks the scheme from it."""
+        for t in self.targets:
+            store = getattr(t.weight, "ds_tensor", None)
+            if (store if store is not None else t.weight).device.type == "cpu":
+                return torch.device("cpu")
         return self._compute_device()
 
     def _compute_device(self) -> torch.device:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import load_ops
 from .layout import RowLayout
 from .noise import key_seed, noise_chunks
 from .shards import Region
@@ -44,8 +45,12 @@ class NoiseKey:
         return key_seed(self.seed, self.step, self.name)
 
     def chunks(self, start: int, stop: int, device: torch.device):
-        """Scaled noise ``std[out(k)]·z_k`` for global ``[start, stop)``, chunk by chunk (float32)."""
+        """Scaled noise ``std[out(k)]·z_k`` for global ``[start, stop)``, chunk by chunk (float32), in the
+        key's scheme (the values the kernels add; for references and tests under the fused scheme)."""
         std = self.std.to(device)
+        if self.fused:  # one piece: the fused scheme has no blocks
+            yield start, self.layout.scale_(load_ops().noise(self.seed64, start, stop, device), start, std)
+            return
         for lo, z in noise_chunks(self.seed, self.step, self.name, self.layout.numel, start, stop, device):
             yield lo, self.layout.scale_(z, lo, std)
 

@@ -339,3 +339,45 @@ def test_launch_and_sync_bounds_hold_and_do_not_grow_with_size(dtype):
         large["launches_per_layer"], large["host_syncs_per_layer"])
     assert large["launches_per_layer"] <= 16 * 7
     assert large["host_syncs_per_layer"] <= 1
+
+
+# ------------------------------------------------------------------------------- multi-process
+def _dist_env(monkeypatch):
+    monkeypatch.setenv("FLATLORA_KERNELS", "fused")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_equal_single_process(monkeypatch):
+    """2-rank ZeRO-3 (every weight partitioned, rows straddling ranks) with the fused scheme: gathered
+    W' equals round(W + e) from the fused noise, equals the single-process run, restores bitwise over
+    bf16 cycles."""
+    _dist_env(monkeypatch)
+    from ds_common import launch
+
+    args = dict(config="zero3", dtype="bf16", persistence=0, checks=["perturbation", "cycles"], cycles=2)
+    res = launch(ROOT / "tests" / "dist" / "ds_worker.py", 2, args)
+    for r in res:
+        for phase in ("cold", "warm"):
+            assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
+            assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
+            assert r[f"{phase}.pert_max_abs"] > 1e-3
+        assert r["cycles.bitwise"] and r["cycles.fixups"] > 0 and r["backends"] == "deepspeed"
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_equal_single_process(monkeypatch):
+    """2-rank FSDP2 row shards with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
+    _dist_env(monkeypatch)
+    from fsdp_common import launch
+
+    case = dict(name="fsdp2", kind="fsdp2", checks=["perturbation", "cycles"], cycles=2)
+    res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 2, {"cases": [case]})]
+    for r in res:
+        assert r["backends"] == "fsdp2"
+        for phase in ("cold", "warm"):
+            assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
+            assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
+            assert r[f"{phase}.loss_perturbed"] == pytest.approx(r[f"{phase}.ref_loss_perturbed"], abs=1e-6)
+        assert r["cycles.bitwise"] and r["cycles.fixups"] > 0
