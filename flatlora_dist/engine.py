@@ -10,6 +10,7 @@ One optimizer step::
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,11 @@ from .shards import ShardBackend, backend_kind, make_backend
 from .targets import LoraTarget, find_targets
 
 STATE_VERSION = 1
+
+
+def _floats(bits: list[int]) -> list[float]:
+    """float64 values from their int64 bit patterns."""
+    return [struct.unpack("<d", struct.pack("<q", b))[0] for b in bits]
 
 
 @dataclass
@@ -198,9 +204,8 @@ class FlatLoRA:
         self._stats.update(fixups=sum(f.count for f in fix), fixup_bytes=sum(f.nbytes for f in fix))
 
     def _apply_fused(self, active: _Active, std: torch.Tensor, finite: torch.Tensor) -> bool:
-        """The fused scheme: count every region, one host read (with ``finite``), then write.
-
-        Returns ``False`` when the step is skipped (non-finite norms, ``skip_nonfinite``)."""
+        """The fused scheme: count every region, one host read (with ``finite`` and the row-std
+        statistics), then write.  Returns ``False`` when the step is skipped (``skip_nonfinite``)."""
         keys = {id(t): self._key(t, active.step, std) for t in self.targets}
         dense = [t for t in self.targets if not self._functional[id(t)]]
         taken = []
@@ -209,13 +214,16 @@ class FlatLoRA:
             for t in dense:
                 items.append((keys[id(t)], self._backend_of[id(t)].regions(t)))
                 taken.append(t)
-            ok, plans = fused.perturb_all(items, finite, std.device)
+            head, plans = fused.perturb_all(items, self._header(finite), std.device)
         except BaseException:
             self._release(taken)
             raise
-        if not ok:
+        if not head[0][0]:
             self._release(taken)
             return not self._nonfinite()
+        mean, top = _floats(head[1])
+        self._stats.update(mean_row_std=mean, max_row_std=top)
+        self._std_stats = None  # already on the host
         for t, p in zip(dense, plans):
             self._backend_of[id(t)].after_write(t)
             fix = fused.fixups(p)
@@ -232,6 +240,12 @@ class FlatLoRA:
             raise
         self._fixup_stats(active)
         return True
+
+    def _header(self, finite: torch.Tensor) -> torch.Tensor:
+        """``[[finite, finite], [bits(mean), bits(max)]]`` as int64 (2, 2): float64 bit patterns, so the
+        statistics travel in the fused scheme's one host read (0.0 has all-zero bits: ``finite`` false)."""
+        flag = finite.view(1).double()
+        return torch.cat([flag, flag, self._std_stats.double()]).view(torch.int64).view(2, 2)
 
     def _release(self, targets: list[LoraTarget]) -> None:
         """Close the backends' perturb/restore bookkeeping for targets whose regions were taken but not

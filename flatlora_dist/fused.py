@@ -6,7 +6,8 @@ global index), different mechanics:
 1. ``count`` kernel per region: per-program numbers of narrow/wide records, written to rows of one
    int64 buffer for the whole model (row 0 stays zero).  The weights are not touched.
 2. One inclusive prefix sum over the buffer and **one host read** of the region totals, together with
-   the caller's non-finite-norm flag (``perturb_all``): the only sync of a step.
+   the caller's header (the engine's non-finite-norm flag and row-std statistics): the only sync of a
+   step (``perturb_all``).
 3. Exact-size record buffers per target, then a ``write`` kernel per region writes ``w'`` and its
    records at offsets from the prefix sum (sorted by global index, deterministic).
 4. Restore: a ``restore`` kernel per region, then one ``apply_fixups`` kernel when it has records.
@@ -79,16 +80,19 @@ def _std(key: NoiseKey, device: torch.device) -> torch.Tensor:
     return key.std.to(device)
 
 
-def perturb_all(items: list[tuple[NoiseKey, list[Region]]], finite: torch.Tensor | None,
-                device: torch.device) -> tuple[bool, list[TargetPlan]]:
-    """Count, read back once, and — when ``finite`` holds — write every region.
+def perturb_all(items: list[tuple[NoiseKey, list[Region]]], header: torch.Tensor | None,
+                device: torch.device) -> tuple[list[list[int]], list[TargetPlan]]:
+    """Count, read back once, and — when the header's first value is non-zero — write every region.
 
-    ``finite``: a device bool (the norms' check), read in the same transfer; ``None`` = true.
-    Returns ``(finite, plans)``; nothing is written when ``finite`` is false.  Call ``fixups`` on each
-    plan for its records.  The ``write`` half is ``write_all``.
+    ``header``: int64 ``(h, 2)`` device values the caller needs on the host (the engine packs its
+    non-finite flag and the row-std statistics), read in the same transfer as the record totals;
+    ``None`` = write.  ``device``: where the counts live when no region exists (else the regions').
+    Returns ``(header values, plans)``; nothing is written when ``header[0][0] == 0``.  ``fixups(plan)``
+    gives each target's records.
     """
     ops = load_ops()
     plans, rows = plan(items)
+    device = next((rp.region.tensor.device for p in plans for rp in p.regions), device)  # the weights' device
     counts = torch.zeros(rows, 2, dtype=torch.int64, device=device)
     for p in plans:
         for rp in p.regions:
@@ -97,20 +101,20 @@ def perturb_all(items: list[tuple[NoiseKey, list[Region]]], finite: torch.Tensor
                       k.layout.cols, k.seed64, rp.skip, k.layout.out_axis)
     incl = counts.cumsum(0)
     ends = [rp.rows[1] - 1 for p in plans for rp in p.regions]
-    flag = torch.ones(1, 2, dtype=torch.int64, device=device) if finite is None else finite.to(torch.int64).expand(1, 2)
-    host = host_read(torch.cat([flag, torch.stack([incl[e] for e in ends])]) if ends else flag)
-    if not host[0][0]:
-        return False, plans
-    prev = [0, 0]
-    at = 1
+    head = torch.ones(1, 2, dtype=torch.int64, device=device) if header is None else header.to(device)
+    host = host_read(torch.cat([head, torch.stack([incl[e] for e in ends])]) if ends else head)
+    head_values, totals = host[: head.shape[0]], host[head.shape[0] :]
+    if not head_values[0][0]:
+        return head_values, plans
+    prev, at = [0, 0], 0
     for p in plans:
         p.totals = []
         for _ in p.regions:
-            cur = host[at]
+            cur = totals[at]
             p.totals.append((cur[0] - prev[0], cur[1] - prev[1]))
             prev, at = cur, at + 1
     _write_all(plans, counts, incl)
-    return True, plans
+    return head_values, plans
 
 
 def host_read(t: torch.Tensor) -> list:
