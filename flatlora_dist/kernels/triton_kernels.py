@@ -77,6 +77,21 @@ def _mismatches(bits, back, k, m, skip_lo, skip_hi, KIND: tl.constexpr):
 
 
 @triton.jit
+def _perturb_block(w_ptr, std_ptr, pid, n, start, cols, seed, skip_lo, skip_hi,
+                   OUT_AXIS: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's elements of a perturb pass: ``(loc, mask, k, bits, bits(w'), bits(back), narrow, wide)``
+    (the count and the write pass compute exactly the same values)."""
+    loc = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = loc < n
+    k = loc + start
+    bits = tl.load(w_ptr + loc, mask=m, other=0)
+    e = _noise(k, seed, std_ptr, cols, m, OUT_AXIS)
+    new, back = _round_trip(bits, e, KIND)
+    narrow, wide = _mismatches(bits, back, k, m, skip_lo, skip_hi, KIND)
+    return loc, m, k, bits, new, back, narrow, wide
+
+
+@triton.jit
 def noise_kernel(out_ptr, n, start, seed, BLOCK: tl.constexpr):
     """``out[i] = randn(seed, start + i)`` for ``i < n`` (the unscaled fused noise)."""
     loc = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -95,13 +110,9 @@ def count_kernel(
     for the whole model) and exact-size record buffers exist.
     """
     pid = tl.program_id(0)
-    loc = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = loc < n
-    k = loc + start
-    bits = tl.load(w_ptr + loc, mask=m, other=0)
-    e = _noise(k, seed, std_ptr, cols, m, OUT_AXIS)
-    _, back = _round_trip(bits, e, KIND)
-    narrow, wide = _mismatches(bits, back, k, m, skip_lo, skip_hi, KIND)
+    loc, m, k, bits, new, back, narrow, wide = _perturb_block(
+        w_ptr, std_ptr, pid, n, start, cols, seed, skip_lo, skip_hi, OUT_AXIS, KIND, BLOCK
+    )
     tl.store(cnt_ptr + 2 * pid, tl.sum(narrow.to(tl.int64), axis=0))
     tl.store(cnt_ptr + 2 * pid + 1, tl.sum(wide.to(tl.int64), axis=0))
 
@@ -119,13 +130,9 @@ def write_kernel(
     global index (program order, then element order), the same for any ``BLOCK``.
     """
     pid = tl.program_id(0)
-    loc = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = loc < n
-    k = loc + start
-    bits = tl.load(w_ptr + loc, mask=m, other=0)
-    e = _noise(k, seed, std_ptr, cols, m, OUT_AXIS)
-    new, back = _round_trip(bits, e, KIND)
-    narrow, wide = _mismatches(bits, back, k, m, skip_lo, skip_hi, KIND)
+    loc, m, k, bits, new, back, narrow, wide = _perturb_block(
+        w_ptr, std_ptr, pid, n, start, cols, seed, skip_lo, skip_hi, OUT_AXIS, KIND, BLOCK
+    )
     nar_i = narrow.to(tl.int64)
     wid_i = wide.to(tl.int64)
     pos_n = tl.load(incl_ptr + 2 * pid) - tl.load(cnt_ptr + 2 * pid) - tl.load(base_ptr)
