@@ -282,6 +282,15 @@ def test_functional_noisy_weight_is_one_kernel():
     flat.restore()
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype):
+    """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme: the same check as
+    ``test_qlora`` — gradients equal a dense layer holding dequant(W) + the fused noise."""
+    from test_qlora import test_gradients_equal_dense_layer_with_same_noise as check
+
+    check("nf4", True, compute_dtype, torch.uint8, True)
+
+
 def test_nonfinite_norm_is_read_with_the_counts_and_skips(monkeypatch):
     model = tiny_llama(targets=["q_proj"])
     before = fingerprint(model)
