@@ -346,13 +346,15 @@ def _dist_env(monkeypatch):
 
 @pytest.mark.slow
 def test_zero3_two_ranks_equal_single_process(monkeypatch):
-    """2-rank ZeRO-3 (every weight partitioned, rows straddling ranks) with the fused scheme: gathered
-    W' equals round(W + e) from the fused noise, equals the single-process run, restores bitwise over
-    bf16 cycles."""
+    """2-rank ZeRO-3 with the fused scheme, DeepSpeed's default persistence threshold: ``cold`` perturbs
+    the partitions alone, ``warm`` the partitions plus the persistent gathered copies (overlapping
+    regions).  Gathered W' equals round(W + e) from the fused noise and the single-process run; bf16
+    cycles restore bitwise."""
     _dist_env(monkeypatch)
-    from ds_common import launch
+    from ds_common import DS_DEFAULT_PERSISTENCE, launch
 
-    args = dict(config="zero3", dtype="bf16", persistence=0, checks=["perturbation", "cycles"], cycles=2)
+    args = dict(config="zero3", dtype="bf16", persistence=DS_DEFAULT_PERSISTENCE, checks=["perturbation", "cycles"],
+                cycles=2)
     res = launch(ROOT / "tests" / "dist" / "ds_worker.py", 2, args)
     for r in res:
         for phase in ("cold", "warm"):
