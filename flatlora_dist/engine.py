@@ -10,6 +10,7 @@ One optimizer step::
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,15 +21,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import functional
+from . import functional, fused
 from .config import FlatLoRAConfig
 from .inplace import Fixups, NoiseKey, perturb_region, restore_region
+from .kernels import scheme_for
 from .norms import reduction_group, row_norms
 from .schedule import noise_factor
 from .shards import ShardBackend, backend_kind, make_backend
 from .targets import LoraTarget, find_targets
 
 STATE_VERSION = 1
+
+
+def _floats(bits: list[int]) -> list[float]:
+    """float64 values from their int64 bit patterns."""
+    return [struct.unpack("<d", struct.pack("<q", b))[0] for b in bits]
 
 
 @dataclass
@@ -72,9 +79,12 @@ class FlatLoRA:
         self._in_features = torch.cat(
             [torch.full((t.layout.out_features,), float(t.layout.in_features)) for t in self.targets]
         ).to(self._norms.device)
+        self.scheme = scheme_for(self._storage_device())
+        """``"fused"`` or ``"blocks"`` (``FLATLORA_KERNELS``; see ``kernels``): fixed for the engine's life."""
         self._active: _Active | None = None
         self._last_step: int | None = None
         self._stats: dict[str, Any] = {}
+        self._std_stats: torch.Tensor | None = None  # (mean, max) row std, on the device until stats()
         self._allreduces = 0
 
     # ------------------------------------------------------------------ set-up
@@ -90,7 +100,20 @@ class FlatLoRA:
     def _comm_device(self) -> torch.device:
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
-        a = self.targets[0].local_factors()
+        return self._compute_device()
+
+    def _storage_device(self) -> torch.device:
+        """Where the base weights' storage lives: CPU when any target's is (ZeRO-3 ``offload_param``
+        keeps partitions in CPU memory), else the compute device.  ``auto`` picks the scheme from it."""
+        for t in self.targets:
+            store = getattr(t.weight, "ds_tensor", None)
+            if (store if store is not None else t.weight).device.type == "cpu":
+                return torch.device("cpu")
+        return self._compute_device()
+
+    def _compute_device(self) -> torch.device:
+        """Where the LoRA factors (and so the layer's compute) live."""
+        a = self.targets[0].local_factors() if self.targets else []
         return a[0][0].device if a else torch.device("cpu")
 
     # ------------------------------------------------------------------ the two halves
@@ -115,30 +138,44 @@ class FlatLoRA:
         active = _Active(step, factor)
         amp = factor * cfg.sigma
         self._stats = {"factor": factor, "sigma": cfg.sigma, "mean_row_std": 0.0, "max_row_std": 0.0}
+        self._std_stats = None
         if amp > 0:
-            std = self._row_std(amp)
-            if std is None:
-                active.skipped = True
+            std, finite = self._row_std(amp)
+            if self.scheme == "fused":
+                active.skipped = not self._apply_fused(active, std, finite)
+            elif not bool(finite):
+                active.skipped = self._nonfinite()
             else:
                 self._apply(active, std)
         self._active = active
         self._last_step = step
 
-    def _row_std(self, amp: float) -> torch.Tensor | None:
-        """Per-row std ``amp/sqrt(n)·||W_i + s(BA)_i||`` for all targets, or ``None`` if non-finite."""
-        norms, calls = row_norms(self.targets, self._backend_of, self._norms, self._group)
+    def _row_std(self, amp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row std ``amp/sqrt(n)·||W_i + s(BA)_i||`` for all targets and a device flag: all finite.
+
+        No host sync here: the caller reads the flag (the fused scheme with its record counts)."""
+        norms, calls = row_norms(self.targets, self._backend_of, self._norms, self._group, self.scheme == "fused")
         self._allreduces += calls
-        if not bool(torch.isfinite(norms).all()):
-            msg = "non-finite row norm of W + s*B*A"
-            if not self.config.skip_nonfinite:
-                raise FloatingPointError(msg)
-            # stacklevel: _row_std <- perturb <- torch.no_grad's wrapper <- the caller's line
-            warnings.warn(f"Flat-LoRA: {msg}; this step runs without perturbation", RuntimeWarning, stacklevel=4)
-            self._stats["skipped"] = 1
-            return None
+        finite = torch.isfinite(norms).all()
         std = norms.mul_(amp).div_(self._in_features.sqrt())
-        self._stats.update(mean_row_std=float(std.mean()), max_row_std=float(std.max()))
-        return std
+        self._std_stats = torch.stack([std.mean(), std.max()])
+        return std, finite
+
+    def _nonfinite(self) -> bool:
+        """Raise, or warn and mark the step skipped (``skip_nonfinite``); returns ``True`` (skipped)."""
+        msg = "non-finite row norm of W + s*B*A"
+        if not self.config.skip_nonfinite:
+            raise FloatingPointError(msg)
+        # stacklevel: _nonfinite <- perturb <- torch.no_grad's wrapper <- the caller's line
+        warnings.warn(f"Flat-LoRA: {msg}; this step runs without perturbation", RuntimeWarning, stacklevel=4)
+        self._stats["skipped"] = 1
+        self._std_stats = None
+        return True
+
+    def _key(self, t: LoraTarget, step: int, std: torch.Tensor) -> NoiseKey:
+        m = t.layout.out_features
+        fused_scheme = self.scheme == "fused"
+        return NoiseKey(self.config.seed, step, t.name, t.layout, std[t.offset : t.offset + m], fused_scheme)
 
     def _apply(self, active: _Active, std: torch.Tensor) -> None:
         """Perturb every target; on failure, undo exactly what was done and re-raise.
@@ -146,11 +183,9 @@ class FlatLoRA:
         A target's key is recorded only once all its regions carry the noise, so ``_undo`` never
         subtracts noise that was not added; a target that fails half way is undone on the spot.
         """
-        cfg = self.config
         try:
             for t in self.targets:
-                m = t.layout.out_features
-                key = NoiseKey(cfg.seed, active.step, t.name, t.layout, std[t.offset : t.offset + m])
+                key = self._key(t, active.step, std)
                 backend = self._backend_of[id(t)]
                 if self._functional[id(t)]:
                     functional.install(backend, t, key)
@@ -162,8 +197,63 @@ class FlatLoRA:
         except BaseException:
             self._undo(active)
             raise
+        self._fixup_stats(active)
+
+    def _fixup_stats(self, active: _Active) -> None:
         fix = active.fixups.values()
         self._stats.update(fixups=sum(f.count for f in fix), fixup_bytes=sum(f.nbytes for f in fix))
+
+    def _apply_fused(self, active: _Active, std: torch.Tensor, finite: torch.Tensor) -> bool:
+        """The fused scheme: count every region, one host read (with ``finite`` and the row-std
+        statistics), then write.  Returns ``False`` when the step is skipped (``skip_nonfinite``)."""
+        keys = {id(t): self._key(t, active.step, std) for t in self.targets}
+        dense = [t for t in self.targets if not self._functional[id(t)]]
+        taken = []
+        try:
+            items = []
+            for t in dense:
+                items.append((keys[id(t)], self._backend_of[id(t)].regions(t)))
+                taken.append(t)
+            head, plans = fused.perturb_all(items, self._header(finite), std.device)
+        except BaseException:
+            self._release(taken)
+            raise
+        if not head[0][0]:
+            self._release(taken)
+            return not self._nonfinite()
+        mean, top = _floats(head[1])
+        self._stats.update(mean_row_std=mean, max_row_std=top)
+        self._std_stats = None  # already on the host
+        for t, p in zip(dense, plans):
+            self._backend_of[id(t)].after_write(t)
+            fix = fused.fixups(p)
+            if fix is not None:
+                active.fixups[id(t)] = fix
+            active.keys[id(t)] = keys[id(t)]
+        try:
+            for t in self.targets:
+                if self._functional[id(t)]:
+                    functional.install(self._backend_of[id(t)], t, keys[id(t)])
+                    active.keys[id(t)] = keys[id(t)]
+        except BaseException:
+            self._undo(active)
+            raise
+        self._fixup_stats(active)
+        return True
+
+    def _header(self, finite: torch.Tensor) -> torch.Tensor:
+        """``[[finite, finite], [bits(mean), bits(max)]]`` as int64 (2, 2): float64 bit patterns, so the
+        statistics travel in the fused scheme's one host read (0.0 has all-zero bits: ``finite`` false)."""
+        flag = finite.view(1).double()
+        return torch.cat([flag, flag, self._std_stats.double()]).view(torch.int64).view(2, 2)
+
+    def _release(self, targets: list[LoraTarget]) -> None:
+        """Close the backends' perturb/restore bookkeeping for targets whose regions were taken but not
+        written (a restore-time ``regions`` call, nothing subtracted)."""
+        for t in targets:
+            backend = self._backend_of[id(t)]
+            backend.regions(t)
+            backend.after_write(t)
 
     @staticmethod
     def _perturb_target(backend: ShardBackend, t: LoraTarget, key: NoiseKey) -> Fixups | None:
@@ -198,8 +288,9 @@ class FlatLoRA:
                 functional.uninstall(t)
                 continue
             fix = active.fixups.get(id(t))
+            restore = fused.restore_region if key.fused else restore_region
             for r in backend.regions(t):
-                restore_region(r, key, fix)
+                restore(r, key, fix)
             backend.after_write(t)
 
     @contextmanager
@@ -219,6 +310,10 @@ class FlatLoRA:
         fix-ups: the engine's persistent memory) are this rank's; the rest are the same on every rank.
         """
         state_bytes = self._norms.numel() * 4 + self._in_features.numel() * 4 + self._stats.get("fixup_bytes", 0)
+        if self._std_stats is not None:  # the device-to-host read of the row-std statistics happens here
+            mean, top = self._std_stats.tolist()
+            self._stats.update(mean_row_std=mean, max_row_std=top)
+            self._std_stats = None
         return {
             "factor": 0.0,
             "sigma": self.config.sigma,
@@ -233,6 +328,7 @@ class FlatLoRA:
             "state_bytes": state_bytes,
             "norm_allreduces": self._allreduces,
             "backends": ",".join(sorted(self._backends)),
+            "noise_scheme": self.scheme,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -240,7 +336,12 @@ class FlatLoRA:
 
         The noise is a pure function of (seed, step, name, index), so nothing else is required.
         """
-        return {"version": STATE_VERSION, "config": self.config.to_dict(), "last_step": self._last_step}
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "last_step": self._last_step,
+            "noise_scheme": self.scheme,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Adopt a saved state; the saved seed, sigma and schedule win over the current config."""
@@ -248,6 +349,12 @@ class FlatLoRA:
             raise RuntimeError("cannot load a FlatLoRA state while perturbed; call restore() first")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "config" not in state:
             raise ValueError(f"not a FlatLoRA state dict (version {STATE_VERSION}): {state!r:.200}")
+        scheme = state.get("noise_scheme", "blocks")  # states written before the fused scheme existed
+        if scheme != self.scheme:
+            raise ValueError(
+                f"this FlatLoRA state was written with the {scheme!r} noise scheme but this run uses "
+                f"{self.scheme!r} (different noise values); resume with FLATLORA_KERNELS={scheme}"
+            )
         saved = FlatLoRAConfig.from_dict(state["config"])
         self.config = replace(saved, total_steps=saved.total_steps or self.config.total_steps)
         self._last_step = state.get("last_step")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .inplace import NoiseKey, compute_dtype
+from .kernels import load_ops
 from .shards import ShardBackend
 from .targets import LoraTarget
 
@@ -22,15 +23,24 @@ _SAVED_FORWARD = "_flatlora_saved_forward"
 
 
 def noisy_weight(backend: ShardBackend, target: LoraTarget, key: NoiseKey, dtype: torch.dtype) -> torch.Tensor:
-    """``round(W + e)`` as an ``(out, in)`` tensor of ``dtype`` (the full weight; one transient buffer)."""
+    """``round(W + e)`` as an ``(out, in)`` tensor of ``dtype`` (the full weight; one transient buffer).
+
+    Fused scheme: one ``noisy`` kernel over the (dequantized) weight; blocks scheme: chunk by chunk.
+    """
     w = backend.dense_weight(target)
     store = w.dtype if w.is_floating_point() else torch.float32
-    cd = compute_dtype(store)
-    buf = w.detach().to(cd, copy=True).view(-1)
-    for lo, e in key.chunks(0, buf.numel(), buf.device):
-        buf[lo : lo + e.numel()] += e.to(cd)
-    out = buf.to(store).to(dtype).view(target.layout.rows, target.layout.cols)
-    return out.t() if target.layout.out_axis == 1 else out
+    layout = target.layout
+    if key.fused:
+        std = key.std.to(w.device)
+        out = load_ops().noisy(w.detach().to(store), std, layout.cols, key.seed64, layout.out_axis)
+    else:
+        cd = compute_dtype(store)
+        buf = w.detach().to(cd, copy=True).view(-1)
+        for lo, e in key.chunks(0, buf.numel(), buf.device):
+            buf[lo : lo + e.numel()] += e.to(cd)
+        out = buf.to(store)
+    out = out.to(dtype).view(layout.rows, layout.cols)
+    return out.t() if layout.out_axis == 1 else out
 
 
 class _NoisyLinear(torch.autograd.Function):

@@ -17,11 +17,10 @@ from transformers import TrainerCallback
 
 from .config import FlatLoRAConfig
 from .engine import FlatLoRA
-from .noise import noise_scheme
 
 LOGGED_STATS = ("factor", "mean_row_std", "max_row_std", "fixups")
 STATE_FILE = "flatlora_state.json"
-"""Written into every checkpoint: ``FlatLoRA.state_dict()`` plus ``noise_scheme`` (read by a resume)."""
+"""Written into every checkpoint: ``FlatLoRA.state_dict()`` (with its ``noise_scheme``; read by a resume)."""
 
 
 class FlatLoRACallback(TrainerCallback):
@@ -77,7 +76,7 @@ class FlatLoRACallback(TrainerCallback):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt):
             with open(os.path.join(ckpt, STATE_FILE), "w") as f:
-                json.dump({**self.flat.state_dict(), "noise_scheme": noise_scheme()}, f)
+                json.dump(self.flat.state_dict(), f)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.flat is None or logs is None or "loss" not in logs:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import load_ops
 from .layout import RowLayout
-from .noise import noise_chunks
+from .noise import key_seed, noise_chunks
 from .shards import Region
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -28,17 +29,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class NoiseKey:
-    """Everything that determines one target's noise at one step (``std``: per output feature)."""
+    """Everything that determines one target's noise at one step (``std``: per output feature;
+    ``fused``: drawn by the fused scheme's kernels instead of ``noise_chunks``' blocks)."""
 
     seed: int
     step: int
     name: str
     layout: RowLayout
     std: torch.Tensor
+    fused: bool = False
+
+    @property
+    def seed64(self) -> int:
+        """The fused scheme's Philox key for this weight and step."""
+        return key_seed(self.seed, self.step, self.name)
 
     def chunks(self, start: int, stop: int, device: torch.device):
-        """Scaled noise ``std[out(k)]·z_k`` for global ``[start, stop)``, chunk by chunk (float32)."""
+        """Scaled noise ``std[out(k)]·z_k`` for global ``[start, stop)``, chunk by chunk (float32), in the
+        key's scheme (the values the kernels add; for references and tests under the fused scheme)."""
         std = self.std.to(device)
+        if self.fused:  # one piece: the fused scheme has no blocks
+            yield start, self.layout.scale_(load_ops().noise(self.seed64, start, stop, device), start, std)
+            return
         for lo, z in noise_chunks(self.seed, self.step, self.name, self.layout.numel, start, stop, device):
             yield lo, self.layout.scale_(z, lo, std)
 

@@ -10,6 +10,9 @@ with the device's native generator seeded from a hash of ``(seed, step, name, b)
 slice of the blocks it overlaps.  Blocks are always drawn whole (torch's samplers are not
 prefix-stable), so a range costs at most two partially used blocks.  The global RNG is never touched.
 Values match across runs on the same device type; CPU and CUDA generators differ from each other.
+
+This is the ``blocks`` scheme.  The ``fused`` scheme (``kernels/``; the default on CUDA) keeps the same
+invariant with no blocks: ``z_k = randn(Philox(key_seed(seed, step, name), counter=k))``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .kernels import load_ops, scheme_for
+
 NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
-
-
-def noise_scheme() -> str:
-    """Name of the noise definition in use; checkpoints record it, and a resume must use the same one."""
-    return "blocks"
 
 
 _LOCAL = threading.local()
@@ -40,10 +40,20 @@ CPU_DRAW_THREADS = int(os.environ.get("FLATLORA_NOISE_THREADS", "2"))
 """Worker threads drawing CPU noise blocks ahead of their use (torch's CPU sampler is serial per call)."""
 
 
-def block_seed(seed: int, step: int, name: str, block: int) -> int:
-    """A 63-bit generator seed for one block, from a cryptographic hash (no collisions in practice)."""
-    digest = hashlib.blake2b(f"{seed}\x1f{step}\x1f{name}\x1f{block}".encode(), digest_size=8).digest()
+def _hash63(*parts: object) -> int:
+    """A 63-bit integer from a cryptographic hash of the parts joined by ``\\x1f``."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def block_seed(seed: int, step: int, name: str, block: int) -> int:
+    """A 63-bit generator seed for one block (blocks scheme; no collisions in practice)."""
+    return _hash63(seed, step, name, block)
+
+
+def key_seed(seed: int, step: int, name: str) -> int:
+    """The 63-bit Philox key of one weight at one step (fused scheme: counter = global flat index)."""
+    return _hash63(seed, step, name)
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -130,8 +140,13 @@ def noise_chunks(
 def noise_range(
     seed: int, step: int, name: str, numel: int, start: int, stop: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Standard-normal noise for global flat range ``[start, stop)``, float32 (concatenated chunks;
-    for tests and small ranges — the perturbation code streams ``noise_chunks`` instead)."""
+    """Standard-normal noise for global flat range ``[start, stop)``, float32, in the scheme
+    ``FLATLORA_KERNELS`` selects for ``device`` (blocks: concatenated chunks; fused: one kernel).
+    For tests and small ranges — the perturbation code streams the noise itself."""
+    if scheme_for(device) == "fused":
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"range [{start}, {stop}) is outside a weight of {numel} elements")
+        return load_ops().noise(key_seed(seed, step, name), start, stop, torch.device(device))
     parts = [v for _, v in noise_chunks(seed, step, name, numel, start, stop, torch.device(device))]
     if not parts:
         return torch.empty(0, dtype=torch.float32, device=device)

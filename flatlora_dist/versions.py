@@ -19,6 +19,7 @@ TESTED = {
     "accelerate": "1.15.0",
     "deepspeed": "0.19.8",
     "bitsandbytes": "0.50.2",
+    "triton": "3.9.0",
 }
 """Package -> version the test suite runs with (keep in step with pyproject.toml's lower bounds)."""
 

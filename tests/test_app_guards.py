@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama
 
 from flatlora_dist.hf import STATE_FILE
-from flatlora_dist.noise import noise_scheme
+from flatlora_dist.kernels import scheme_for
 from flatlora_dist.train.config import parse_args
 from flatlora_dist.train.report import frozen_fingerprint
 from flatlora_dist.train.run import (
@@ -19,7 +19,6 @@ from flatlora_dist.train.run import (
     RunError,
     check_output_dir,
     check_resume_noise,
-    flat_config,
     main,
 )
 
@@ -33,7 +32,7 @@ def saved_run(tmp_path: Path, state: dict | None = None) -> Path:
     state = state or {}
     config = {"sigma": 0.05, "total_steps": 4, "schedule": "cosine", "seed": 42, "mode": "auto",
               "skip_nonfinite": True, **state.get("config", {})}  # fmt: skip
-    saved = {"version": 1, "config": config, "last_step": 1, "noise_scheme": state.get("noise_scheme", noise_scheme())}
+    saved = {"version": 1, "config": config, "last_step": 1, "noise_scheme": state.get("noise_scheme", scheme_for("cpu"))}
     (ckpt / STATE_FILE).write_text(json.dumps(saved))
     return out
 
@@ -88,12 +87,12 @@ def test_the_state_the_callback_writes_is_what_the_check_reads(tmp_path):
 
     out = tmp_path / "run"
     cfg = parse_args(args(out, "--flat_seed", "3", "--sigma", "0.2"))
-    cb = FlatLoRACallback(flat_config(cfg))
+    cb = FlatLoRACallback(cfg.flat_config())
     cb.on_train_begin(None, SimpleNamespace(max_steps=4), None, model=tiny_llama())
     (out / "checkpoint-2").mkdir(parents=True)
     cb.on_save(SimpleNamespace(output_dir=str(out)), SimpleNamespace(global_step=2, is_world_process_zero=True), None)
     state = json.loads((out / "checkpoint-2" / STATE_FILE).read_text())
-    assert state["noise_scheme"] == noise_scheme() and state["config"]["seed"] == 3
+    assert state["noise_scheme"] == cb.flat.scheme and state["config"]["seed"] == 3
     check_resume_noise(out / "checkpoint-2", cfg)
     with pytest.raises(RunError, match="flat_seed: 3 -> 4"):
         check_resume_noise(out / "checkpoint-2", parse_args(args(out, "--flat_seed", "4", "--sigma", "0.2")))

@@ -17,6 +17,9 @@ from flatlora_dist.versions import TESTED, breaking_series, installed_versions, 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = [p for p in (ROOT / "flatlora_dist").rglob("*.py") if "train" not in p.relative_to(ROOT).parts]
 HEAVY = ("deepspeed", "bitsandbytes", "triton", "yaml", "matplotlib", "tensorboard")
+LAZY = {"kernels/ops.py": "triton", "kernels/triton_kernels.py": "triton"}
+"""Modules that import a backend at module level because they are only ever imported lazily (by
+``kernels.load_ops`` once the fused scheme is selected); the subprocess test below checks that."""
 
 
 def _imports(tree: ast.AST, top_level_only: bool) -> list[tuple[int, str]]:
@@ -40,8 +43,10 @@ def test_core_never_imports_the_app_or_backends_at_import_time(path):
         app = name == "train" or name.startswith(("train.", "flatlora_dist.train"))
         assert not app, f"{path.name}:{line} imports the app ({mod})"
         assert not mod.startswith("launch"), f"{path.name}:{line} imports launch/ ({mod})"
+    allowed = LAZY.get(path.relative_to(ROOT / "flatlora_dist").as_posix())
     for line, mod in _imports(tree, top_level_only=True):
-        assert mod.split(".")[0] not in HEAVY, f"{path.name}:{line} imports {mod} at module level"
+        top = mod.split(".")[0]
+        assert top not in HEAVY or top == allowed, f"{path.name}:{line} imports {mod} at module level"
 
 
 def test_import_flatlora_dist_loads_no_backend_or_app_package():

@@ -382,3 +382,14 @@ def test_torchrun_sigterm_checkpoints_then_resume_equals_uninterrupted(runs, tmp
     assert losses(resumed) == pytest.approx(losses(ref), rel=1e-5)
     saved, other = check_adapter_loads(resumed), adapter(ref)
     assert max_diff(saved, other) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2", "hsdp"])
+def test_cuda_runs_load_with_cpu_ram_efficient_loading(kind):
+    """On CUDA ``--fsdp`` loads through accelerate's CPU-RAM-efficient path (rank 0 reads, others on meta;
+    FSDP1 syncs module states); on CPU it stays off (accelerate refuses sync_module_states there)."""
+    gpu, cpu = fsdp_config(kind, cuda=True), fsdp_config(kind, cuda=False)
+    assert gpu["cpu_ram_efficient_loading"] is True and cpu["cpu_ram_efficient_loading"] is False
+    if kind == "fsdp1":
+        assert gpu["sync_module_states"] is True and cpu["sync_module_states"] is False
+    assert fsdp_config(kind) == (gpu if torch.cuda.is_available() else cpu)

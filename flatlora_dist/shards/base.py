@@ -55,17 +55,18 @@ class ShardBackend(ABC):
     def regions(self, target: LoraTarget) -> list[Region]:
         """This rank's writable storage of the base weight (``[]`` when it holds none)."""
 
-    def norm_chunks(self, target: LoraTarget) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(global_start, values)`` for the elements this rank contributes to the row norms.
-
-        Default: the first region, in chunks of ``NORM_CHUNK``.
+    def norm_spans(self, target: LoraTarget) -> list[tuple[int, torch.Tensor]]:
+        """``(global_start, values)`` spans holding the elements this rank contributes to the row norms
+        (each element by exactly one rank of the reduction group).  Default: the first region whole.
         """
         regions = self.regions(target)
-        if not regions:
-            return
-        r = regions[0]
-        for lo in range(0, r.tensor.numel(), NORM_CHUNK):
-            yield r.start + lo, r.tensor[lo : lo + NORM_CHUNK]
+        return [(regions[0].start, regions[0].tensor)] if regions else []
+
+    def norm_chunks(self, target: LoraTarget) -> Iterator[tuple[int, torch.Tensor]]:
+        """The ``norm_spans``, ``NORM_CHUNK`` elements at a time (bounded transient memory)."""
+        for start, values in self.norm_spans(target):
+            for lo in range(0, values.numel(), NORM_CHUNK):
+                yield start + lo, values[lo : lo + NORM_CHUNK]
 
     def reduce_group(self):
         """Process group over which partial row norms are summed; ``None``: this rank holds whole rows."""

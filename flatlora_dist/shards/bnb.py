@@ -223,6 +223,10 @@ class BnbBackend(ShardBackend):
         for r0, r1 in row_chunks(target):
             yield r0 * n, dequantize_rows(target, r0, r1).to(cd).float().reshape(-1)
 
+    def norm_spans(self, target: LoraTarget) -> list[tuple[int, torch.Tensor]]:
+        """The dequantized chunks (no dense copy of the whole weight exists outside a forward)."""
+        return list(self.norm_chunks(target))
+
     @torch.no_grad()
     def dense_weight(self, target: LoraTarget) -> torch.Tensor:
         """The full dequantized weight ``(out, in)`` in the layer's compute dtype (one buffer).

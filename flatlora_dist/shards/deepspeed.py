@@ -55,7 +55,6 @@ import torch
 from torch import nn
 
 from ..targets import LoraTarget
-from . import base as _base
 from .base import Factors, Region, ShardBackend
 
 _OFFLOAD_FIX = (
@@ -244,12 +243,10 @@ class ZeRO3Backend(ShardBackend):
         if self._drop.pop(id(target), False) and gathered_copy(target.weight) is not None:
             _release(target.weight, target.name)
 
-    def norm_chunks(self, target: LoraTarget) -> Iterator[tuple[int, torch.Tensor]]:
-        """The partition's valid elements, ``NORM_CHUNK`` at a time: each element counted by one rank."""
+    def norm_spans(self, target: LoraTarget) -> list[tuple[int, torch.Tensor]]:
+        """The partition's valid elements: each element counted by one rank."""
         r = partition_region(target.weight)
-        step = _base.NORM_CHUNK
-        for lo in range(0, r.tensor.numel(), step):
-            yield r.start + lo, r.tensor[lo : lo + step]
+        return [(r.start, r.tensor)]
 
     # ------------------------------------------------------------------ LoRA factors and functional mode
     @contextmanager

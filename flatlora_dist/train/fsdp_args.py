@@ -12,8 +12,9 @@ Two ways in, one code path (the HF Trainer's own FSDP integration, i.e. ``accele
 Settings chosen for ``--fsdp`` (the Flat-LoRA backends need exactly these): transformer auto-wrap (the model's
 ``_no_split_modules``, plus PEFT's wrapping of LoRA layers that the Trainer adds), FULL_STATE_DICT
 checkpoints, FSDP1 ``use_orig_params=True`` (each original weight a view into the flat shard: FSDP1Backend
-refuses anything else) with ``sync_module_states=False`` (every rank loads the same weights; accelerate
-1.15 raises on CPU for ``True``), FSDP2 default ``Shard(0)`` placements.
+refuses anything else), FSDP2 default ``Shard(0)`` placements; on CUDA, CPU-RAM-efficient loading (rank 0
+reads, the others start on the meta device; FSDP1 with ``sync_module_states=True``), on CPU every rank
+loads the same weights (``sync_module_states=False``: accelerate 1.15 raises on CPU for ``True``).
 
 HSDP sizes: ``dp_shard`` = ``PARALLELISM_CONFIG_DP_SHARD_SIZE`` if set (accelerate's own variable, which
 ``hsdp.yaml`` exports), else the processes per node (``LOCAL_WORLD_SIZE``); ``dp_replicate`` = world /
@@ -94,12 +95,21 @@ def hsdp_sizes(world: int | None = None, per_node: int | None = None) -> tuple[i
     return world // shard, shard
 
 
-def fsdp_config(kind: str) -> dict[str, Any]:
-    """``TrainingArguments.fsdp_config`` for ``kind`` (keys without the ``fsdp_`` prefix)."""
+def fsdp_config(kind: str, cuda: bool | None = None) -> dict[str, Any]:
+    """``TrainingArguments.fsdp_config`` for ``kind`` (keys without the ``fsdp_`` prefix).
+
+    With CUDA (``cuda``; default: ``torch.cuda.is_available()``) the model loads with accelerate's
+    CPU-RAM-efficient loading: rank 0 reads the checkpoint, the other ranks build on the meta device and
+    receive the weights when the model is sharded (FSDP1 needs ``sync_module_states`` for that), so N
+    ranks of a node do not each hold the whole model in host memory.  ``TrainingArguments`` exports
+    ``FSDP_CPU_RAM_EFFICIENT_LOADING`` for ``from_pretrained``; the application builds it before the model.
+    Off on CPU (accelerate 1.15 raises there for ``sync_module_states``).
+    """
+    efficient = torch.cuda.is_available() if cuda is None else cuda
     common = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
-              "cpu_ram_efficient_loading": False, "activation_checkpointing": False}  # fmt: skip
+              "cpu_ram_efficient_loading": efficient, "activation_checkpointing": False}  # fmt: skip
     if kind == "fsdp1":
-        return {**common, "version": 1, "use_orig_params": True, "sync_module_states": False,
+        return {**common, "version": 1, "use_orig_params": True, "sync_module_states": efficient,
                 "reshard_after_forward": "FULL_SHARD", "backward_prefetch": "BACKWARD_PRE"}  # fmt: skip
     return {**common, "version": 2, "reshard_after_forward": True}
 

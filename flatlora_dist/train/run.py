@@ -287,12 +287,23 @@ def check_attention(cfg: TrainConfig) -> None:
                        "machine lacks; use sdpa or eager (or leave it unset)")  # fmt: skip
 
 
+def run_noise_scheme(cfg: TrainConfig) -> str:
+    """The noise scheme this run's engine will pick (``kernels.scheme_for`` of where the base weights
+    are stored: CPU without CUDA or under ZeRO-3 ``offload_param`` to CPU, else CUDA)."""
+    from ..kernels import scheme_for
+
+    on_cpu = not torch.cuda.is_available()
+    if cfg.ds_config and not on_cpu:
+        offload = load_ds_config(cfg.ds_config).get("zero_optimization", {}).get("offload_param") or {}
+        on_cpu = isinstance(offload, dict) and offload.get("device") == "cpu"
+    return scheme_for("cpu" if on_cpu else "cuda")
+
+
 def check_resume_noise(ckpt: Path, cfg: TrainConfig) -> None:
     """Refuse a resume whose noise would differ from the checkpoint's (its ``flatlora_state.json``):
     sigma, the effective noise seed, the schedule or the noise scheme.  No state file: nothing to check
     (the saved run had sigma 0, or predates the file; ``run_config.json`` is checked separately)."""
     from ..hf import STATE_FILE
-    from ..noise import noise_scheme
 
     path = ckpt / STATE_FILE
     if not path.is_file():
@@ -305,7 +316,7 @@ def check_resume_noise(ckpt: Path, cfg: TrainConfig) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is not a Flat-LoRA state file ({e}); resume from another checkpoint or use --overwrite") from e
     now = cfg.flat_config()
-    asked = {"sigma": cfg.sigma, "flat_seed": now.seed, "flat_schedule": now.schedule, "noise scheme": noise_scheme()}
+    asked = {"sigma": cfg.sigma, "flat_seed": now.seed, "flat_schedule": now.schedule, "noise scheme": run_noise_scheme(cfg)}
     changed = [k for k in was if was[k] != asked[k]]
     if changed:
         diffs = ", ".join(f"{k}: {was[k]!r} -> {asked[k]!r}" for k in changed)

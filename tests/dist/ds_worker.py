@@ -138,7 +138,7 @@ def check_perturbation(engine, flat: FlatLoRA, step: int, tag: str) -> dict:
     }
     for t in flat.targets:
         n, m = t.name, t.layout.out_features
-        key = NoiseKey(SEED, step, n, t.layout, std[t.offset : t.offset + m])
+        key = NoiseKey(SEED, step, n, t.layout, std[t.offset : t.offset + m], fused=flat.scheme == "fused")
         e = torch.cat([z for _, z in key.chunks(0, t.layout.numel, torch.device("cpu"))])
         cd = torch.float64 if w0[n].dtype == torch.float64 else torch.float32
         expect = (w0[n].reshape(-1).to(cd) + e).to(w0[n].dtype)
