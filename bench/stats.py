@@ -59,6 +59,7 @@ def tost(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
 
     ``p = max(p_lower, p_upper)``; equivalence is declared when ``p < alpha``, which is the same as the
     ``1 - 2·alpha`` (90 %) t interval lying inside ``(-margin, margin)`` (returned as ``ci``).
+    ``min_margin`` = ``max(|ci|)``: the data show equivalence for every margin above it.
     """
     if not margin > 0:
         raise ValueError(f"tost: margin must be > 0, got {margin}")
@@ -72,7 +73,8 @@ def tost(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
     p = max(p_lower, p_upper)
     ci = paired(vals, level=1 - 2 * alpha)["ci"]
     return {"margin": margin, "alpha": alpha, "p_lower": p_lower, "p_upper": p_upper,
-            "p": p, "equivalent": bool(p < alpha), "ci": ci, "ci_level": 1 - 2 * alpha}  # fmt: skip
+            "p": p, "equivalent": bool(p < alpha), "ci": ci, "ci_level": 1 - 2 * alpha,
+            "min_margin": max(abs(ci[0]), abs(ci[1]))}  # fmt: skip
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -74,6 +74,7 @@ def test_tost_equivalent_iff_90ci_inside_margin():
     for margin in (0.001, 0.003, 0.005, 0.008, 0.02):
         r = tost(diffs, margin)
         assert r["equivalent"] == (-margin < r["ci"][0] and r["ci"][1] < margin)
+        assert r["equivalent"] == (margin > r["min_margin"])
 
 
 def test_tost_zero_spread_and_bad_margin():
