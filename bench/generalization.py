@@ -90,14 +90,21 @@ LEVEL = 0.95
 # ----------------------------------------------------------------------------------------- training
 
 
+ALT_SEED_OFFSET = 1_000_000  # the ``alt`` arm's noise seed: seed + this (an independent noise stream)
+
+
 def parse_arm(arm: str) -> tuple[str, float]:
-    """``lora`` -> (lora, 0); ``flat0.1`` -> (flat, 0.1); ``ref0.2`` -> (ref, 0.2)."""
-    for kind in ("flat", "ref"):
+    """``lora`` -> (lora, 0); ``flat0.1`` -> (flat, 0.1); ``ref0.2`` -> (ref, 0.2); ``alt0.2`` -> (alt, 0.2).
+
+    ``alt`` is this library again with another noise stream (same init, batches and dropout): the
+    control that says how far two runs of the *same* algorithm drift apart through the noise alone.
+    """
+    for kind in ("flat", "ref", "alt"):
         if arm.startswith(kind):
             return kind, float(arm[len(kind) :])
     if arm == "lora":
         return "lora", 0.0
-    raise ValueError(f"unknown arm {arm!r}: expected lora, flat<sigma> or ref<sigma>")
+    raise ValueError(f"unknown arm {arm!r}: expected lora, flat<sigma>, ref<sigma> or alt<sigma>")
 
 
 class Perturber:
@@ -112,8 +119,9 @@ class Perturber:
         self.kind = kind
         self.window = "micro" if kind == "ref" else "step"
         self.impl: FlatLoRA | ReferenceFlatLoRA | None = None
-        if kind == "flat":
-            self.impl = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, total_steps=steps, seed=seed))
+        if kind in ("flat", "alt"):
+            noise_seed = seed + (ALT_SEED_OFFSET if kind == "alt" else 0)
+            self.impl = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, total_steps=steps, seed=noise_seed))
         elif kind == "ref":
             self.impl = ReferenceFlatLoRA(model, rho=sigma, total_steps=steps, rng=seed)
 
@@ -373,7 +381,8 @@ def task_metrics(task: str) -> list[str]:
 
 def arm_label(arm: str) -> str:
     kind, sigma = parse_arm(arm)
-    return {"lora": "LoRA", "flat": f"Flat-LoRA σ={sigma:g}", "ref": f"reference σ={sigma:g}"}[kind]
+    return {"lora": "LoRA", "flat": f"Flat-LoRA σ={sigma:g}", "ref": f"reference σ={sigma:g}",
+            "alt": f"Flat-LoRA σ={sigma:g}, 2nd noise stream"}[kind]  # fmt: skip
 
 
 def seeds_with(runs: dict, arms: list[str], seeds: list[int]) -> list[int]:
@@ -417,6 +426,11 @@ def study_a(task: str, runs: dict, sigma: float, seeds: list[int]) -> dict | Non
             if name == "flat-ref" and m in margins:
                 pairs[name][m]["tost"] = tost(d, margins[m], alpha=1 - LEVEL)
     tosts = [pairs["flat-ref"][m]["tost"] for m in margins]
+    alt = f"alt{sigma:g}"
+    control_seeds = seeds_with(runs, [flat, alt], common)
+    if len(control_seeds) >= 2:  # same algorithm, other noise stream: the scale flat-ref is judged against
+        pairs["flat-alt"] = {m: paired(diffs(runs, flat, alt, control_seeds, lambda r, m=m: metric_value(r, m)), LEVEL)
+                             for m in metrics}  # fmt: skip
     probe_pairs = {
         name: [paired(diffs(runs, a, b, common, lambda r, i=i: r["probe"]["rise"][i]), LEVEL) for i in range(len(RADII))]
         for name, (a, b) in {"flat-ref": (flat, ref), "flat-lora": (flat, "lora"), "ref-lora": (ref, "lora")}.items()
@@ -426,7 +440,7 @@ def study_a(task: str, runs: dict, sigma: float, seeds: list[int]) -> dict | Non
         "table": arm_table(runs, arms, common, metrics), "pairs": pairs,
         "probe": {a: probe_curve(runs, a, common) for a in arms}, "probe_pairs": probe_pairs,
         "equivalent_all": all(t["equivalent"] for t in tosts), "tost_p_max": max(t["p"] for t in tosts),
-        "min_margin_all": max(t["min_margin"] for t in tosts),
+        "min_margin_all": max(t["min_margin"] for t in tosts), "control_seeds": control_seeds,
     }  # fmt: skip
 
 
@@ -658,21 +672,27 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def task_arms(task: str, studies: list[str], sigmas: list[float], equiv_sigma: float) -> list[str]:
-    """Arms one task needs for the chosen studies (shared runs listed once)."""
+def task_arms(task: str, studies: list[str], sigmas: list[float], equiv_sigma: float, control: bool = False) -> list[str]:
+    """Arms one task needs for the chosen studies (shared runs listed once); ``control`` adds study
+    A's second-noise-stream arm."""
     arms = ["lora"]
     if task == "sentiment" and "b" in studies:
         arms += [f"flat{s:g}" for s in sigmas]
     if "a" in studies:
         arms += [a for a in (f"flat{equiv_sigma:g}", f"ref{equiv_sigma:g}") if a not in arms]
+        if control:
+            arms.append(f"alt{equiv_sigma:g}")
     return arms
 
 
 def run_task(task: str, arms: list[str], cfg: dict, args: argparse.Namespace, path: Path) -> dict:
     """Every (seed, arm) run of one task; ``path`` is rewritten after each run."""
-    runs = json.loads(path.read_text())["runs"] if args.resume and path.exists() else {}
+    old = json.loads(path.read_text()) if args.resume and path.exists() else {"runs": {}}
+    runs = old["runs"]
     meta = {"command": command_line(), "machine": machine(), "config": cfg, "arms": arms,
             "seeds": list(range(cfg["seeds"])), "radii": list(RADII)}  # fmt: skip
+    if "meta" in old:  # the commands that made the runs kept from earlier invocations
+        meta["earlier"] = [*old["meta"].pop("earlier", []), old["meta"]]
     start = time.perf_counter()
     bench = SentimentBench(cfg) if task == "sentiment" else MathBench(cfg, args.math_targets)
     print(f"{task}: {meta['machine']}; config {cfg}; arms {arms}", flush=True)
@@ -727,6 +747,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tasks", default=None, help="study A tasks (default sentiment,math; quick: sentiment)")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="study B sweep")
     ap.add_argument("--equiv-sigma", type=float, default=0.2, help="sigma of study A's flat/ref arms")
+    ap.add_argument("--noise-control", action="store_true",
+                    help="study A: add this library with a second noise stream (how far flat-ref may differ by noise alone)")
     ap.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {FULL['seeds']})")
     ap.add_argument("--math-targets", default="q_proj,v_proj", help="'all-linear' or comma-separated module names")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override sizes: {sorted(FULL)}")
@@ -762,7 +784,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if not args.report_only:
         for task in tasks:
-            arms = task_arms(task, studies, args.sigmas, args.equiv_sigma)
+            arms = task_arms(task, studies, args.sigmas, args.equiv_sigma, args.noise_control)
             run_task(task, arms, cfg, args, args.out / f"{stem}_runs_{task}.json")
     merged = report(args.out, stem, tasks, args.sigmas, args.equiv_sigma, cfg["seeds"])
     print(f"\nwall time {time.perf_counter() - start:.0f} s; wrote {args.out / (stem + '.json')}")

@@ -21,7 +21,7 @@ from conftest import tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from generalization import Perturber, parse_arm, train_loop  # noqa: E402
+from generalization import ALT_SEED_OFFSET, Perturber, parse_arm, train_loop  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
@@ -101,8 +101,12 @@ def test_windows_per_step_and_per_micro_batch(arm, draws):
     assert parse_arm(arm)[0] in ("lora", "flat", "ref")
 
 
-def test_parse_arm_rejects_unknown():
+def test_parse_arm_and_the_second_noise_stream():
     assert parse_arm("flat0.05") == ("flat", 0.05) and parse_arm("ref0.2") == ("ref", 0.2)
+    assert parse_arm("alt0.2") == ("alt", 0.2)
+    model = tiny_llama()
+    assert Perturber(model, "flat0.2", 3, seed=4).impl.config.seed == 4
+    assert Perturber(model, "alt0.2", 3, seed=4).impl.config.seed == 4 + ALT_SEED_OFFSET
     with pytest.raises(ValueError, match="unknown arm"):
         parse_arm("sam0.1")
 
