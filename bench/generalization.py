@@ -16,6 +16,8 @@ deviation at all: micro-steps and optimizer steps coincide.  Verdict: TOST equiv
 ``flat - ref`` on every metric in ``MARGINS`` (accuracy ±1.5 points; math held-out loss ±0.01 nats),
 which must hold on every split at once (an intersection-union test: no multiplicity correction is
 needed for "equivalent on all"); both arms against LoRA: paired t with 95 % intervals.
+``--noise-control`` adds ``alt<s>``: this library with a second noise stream, the yardstick for how far
+``flat`` and ``ref`` may drift apart through the noise realisation alone.
 
 **Study B: where does flatness pay?**  Few training sentences (``sent_train``), many epochs so LoRA
 overfits, Flat-LoRA at every ``--sigmas`` value, in-domain (movie test) and every out-of-domain split
