@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -58,67 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
-from flatlora_dist.targets import find_targets  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from reference import ReferenceFlatLoRA  # noqa: E402
 
 TARGETS = {"time_ratio": 1.05, "memory_ratio": 1.01}
-
-
-# ------------------------------------------------------------------------------------------ reference
-
-
-class ReferenceFlatLoRA:
-    """The reference implementation's perturbation, faithfully reproduced in plain PyTorch.
-
-    What it keeps between the two halves is what the paper describes: the seed and one norm vector
-    per layer.  What it does is what makes it costly: dense full-size temporaries per layer (the merged
-    weight, the repeated std tensor, the noise), the noise drawn twice (once to add, once to
-    subtract), and all of it once per micro-batch.  Its defects are kept too: the global RNG is
-    reseeded from the wall clock (runs are not reproducible and dropout depends on time), and
-    ``w + e - e`` is not an identity in floating point (the weights drift).
-    """
-
-    def __init__(self, model: torch.nn.Module, rho: float, total_steps: int, schedule: str = "cosine") -> None:
-        self.layers = [t.module for t in find_targets(model)]
-        self.rho = rho
-        self.total_steps = total_steps
-        self.schedule = schedule
-        self.micro_step = 0  # the reference counts training_step calls (micro-batches)
-        self.seed = 0
-        self.scales: list[torch.Tensor] = []
-
-    def factor(self) -> float:
-        if self.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 - math.cos(math.pi * min(self.micro_step, self.total_steps) / self.total_steps))
-
-    @torch.no_grad()
-    def perturb(self) -> None:
-        self.seed = int(time.time() * 1000) % (2**31)
-        torch.manual_seed(self.seed)
-        factor = self.factor()
-        self.scales = []
-        for mod in self.layers:
-            w = mod.base_layer.weight
-            data = w.data.clone()
-            for name in mod.active_adapters:
-                if name in mod.lora_A:
-                    data += (mod.lora_B[name].weight @ mod.lora_A[name].weight) * mod.scaling[name]
-            filter_norm = data.norm(dim=1, keepdim=True)  # (m, 1)
-            scale = factor * self.rho * filter_norm / math.sqrt(data.shape[1])
-            self.scales.append(scale)
-            std = scale.repeat(1, data.shape[1])  # full-size std tensor
-            noise = torch.normal(0, std)
-            w.data.add_(noise)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        torch.manual_seed(self.seed)
-        for mod, scale in zip(self.layers, self.scales):
-            w = mod.base_layer.weight
-            std = scale.repeat(1, w.shape[1])
-            noise = torch.normal(0, std)
-            w.data.sub_(noise)
-        self.micro_step += 1
 
 
 # ------------------------------------------------------------------------------------------- helpers
