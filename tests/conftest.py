@@ -8,7 +8,13 @@ import os
 import pytest
 import torch
 
-from flatlora_dist.train.model import TINY_LLAMA_SHAPE
+# Without a GPU the fused Triton kernels run in Triton's interpreter, which must be chosen before anything
+# imports triton (bitsandbytes does, through peft): triton.language's own @jit helpers (randn, philox) are
+# decorated at that import.  torch's import does not load triton, so asking torch about CUDA is safe here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from flatlora_dist.train.model import TINY_LLAMA_SHAPE  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported (lazily)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it before triton loads; this keeps the file runnable alone
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -345,8 +345,9 @@ def _dist_env(monkeypatch):
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_equal_single_process(monkeypatch):
-    """2-rank ZeRO-3 with the fused scheme, DeepSpeed's default persistence threshold: ``cold`` perturbs
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero3_ranks_equal_single_process(monkeypatch, world):
+    """2- and 3-rank ZeRO-3 with the fused scheme, DeepSpeed's default persistence threshold: ``cold`` perturbs
     the partitions alone, ``warm`` the partitions plus the persistent gathered copies (overlapping
     regions).  Gathered W' equals round(W + e) from the fused noise and the single-process run; bf16
     cycles restore bitwise."""
@@ -355,7 +356,7 @@ def test_zero3_two_ranks_equal_single_process(monkeypatch):
 
     args = dict(config="zero3", dtype="bf16", persistence=DS_DEFAULT_PERSISTENCE, checks=["perturbation", "cycles"],
                 cycles=2)
-    res = launch(ROOT / "tests" / "dist" / "ds_worker.py", 2, args)
+    res = launch(ROOT / "tests" / "dist" / "ds_worker.py", world, args)
     for r in res:
         for phase in ("cold", "warm"):
             assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
@@ -365,13 +366,14 @@ def test_zero3_two_ranks_equal_single_process(monkeypatch):
 
 
 @pytest.mark.slow
-def test_fsdp2_two_ranks_equal_single_process(monkeypatch):
-    """2-rank FSDP2 row shards with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_ranks_equal_single_process(monkeypatch, world):
+    """2- and 3-rank FSDP2 row shards (uneven at 3) with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
     _dist_env(monkeypatch)
     from fsdp_common import launch
 
     case = dict(name="fsdp2", kind="fsdp2", checks=["perturbation", "cycles"], cycles=2)
-    res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 2, {"cases": [case]})]
+    res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
     for r in res:
         assert r["backends"] == "fsdp2"
         for phase in ("cold", "warm"):
