@@ -19,6 +19,8 @@ from flatlora_dist.train import run as run_mod
 from flatlora_dist.train.report import write_json_atomic
 from flatlora_dist.train.run import main
 
+pytestmark = pytest.mark.slow  # whole (tiny) runs of the app, in and out of process
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--model", "tiny", "--report_to", "none", "--eval_generate_limit", "0", "--eval_limit", "4",
          "--train_limit", "10", "--per_device_train_batch_size", "2"]  # fmt: skip

@@ -111,6 +111,7 @@ def test_parse_arm_and_the_second_noise_stream():
         parse_arm("sam0.1")
 
 
+@pytest.mark.slow
 def test_quick_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "generalization.py"), "--study", "all", "--quick", "--out", str(tmp_path)]

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # dozens of launch/train.py subprocesses: the full suite, not the fast tier
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 QUICK = ["--model", "tiny", "--max_steps", "3", "--report_to", "none", "--eval_generate_limit", "0",

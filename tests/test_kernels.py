@@ -192,6 +192,7 @@ def test_overlapping_regions_record_each_element_once():
     assert torch.equal(_bits(w), _bits(before)) and torch.equal(_bits(part), _bits(before[20_000:41_000]))
 
 
+@pytest.mark.slow  # interpreter-heavy: the full suite
 def test_bf16_restore_is_bit_exact_after_1000_round_trips():
     """1,000 bf16 round trips with different noise and std, run as 1,000 row blocks of one weight (the
     interpreter's cost is per launch), then three sequential cycles of all of them.
@@ -248,6 +249,7 @@ def test_row_std_matches_the_formula(conv1d):
     assert st["noise_scheme"] == "fused"
 
 
+@pytest.mark.slow  # interpreter-heavy: the full suite
 def test_engine_exact_restore_after_cycles():
     """Through the engine, with optimizer steps moving A and B between cycles (bf16 base)."""
     from test_engine import exact_restore_cycles
@@ -255,6 +257,7 @@ def test_engine_exact_restore_after_cycles():
     assert exact_restore_cycles(torch.bfloat16, 6, 2) > 0
 
 
+@pytest.mark.slow  # interpreter-heavy: the full suite
 def test_functional_equals_inplace():
     """Same loss and LoRA gradients from the functional and the in-place mode (bf16 base)."""
     from test_engine import test_functional_gradients_equal_inplace
@@ -282,6 +285,7 @@ def test_functional_noisy_weight_is_one_kernel():
     flat.restore()
 
 
+@pytest.mark.slow  # interpreter-heavy: the full suite
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype):
     """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme: the same check as

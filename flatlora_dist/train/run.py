@@ -986,8 +986,22 @@ def _train(cfg: TrainConfig, ds, stop: StopRequest, model, tokenizer, args, trai
     split_eval = sharded(cfg, ds)  # accuracy then comes from one unsharded copy on rank 0
     boundaries = Boundaries(trainer, cfg, tokenizer, heldout, extra, resume_from is not None, not split_eval, journal)
     trainer.add_callback(boundaries.callback())
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        close_tensorboard(trainer)  # before the caller's undo removes tensorboard/: its writer is a thread
+        raise
     return trainer, result, boundaries
+
+
+def close_tensorboard(trainer) -> None:
+    """Close the TensorBoard writer of a Trainer that failed (its ``on_train_end`` hook, which a failed
+    ``train()`` never reaches): the writer's thread would otherwise keep creating event files."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            cb.on_train_end(trainer.args, trainer.state, trainer.control)
 
 
 def final_evaluation(cfg: TrainConfig, ds, trainer, tokenizer, heldout, extra, before: dict[str, Any],

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from mutants import MUTANTS, Mutant  # noqa: E402
 
-COPIED = ("flatlora_dist", "tests", "launch", "ds_configs", "pyproject.toml")
+COPIED = ("flatlora_dist", "tests", "launch", "bench", "ds_configs", "pyproject.toml", "README.md")
 FIRST = ("test_noise.py", "test_layout.py", "test_sharded_regions.py", "test_inplace.py", "test_noise_stats.py",
          "test_engine.py", "test_norm_reduction.py", "test_app_guards.py", "test_qlora.py")  # fmt: skip
 """Test files run first, in this order (the core's); the rest of ``tests/test_*.py`` follow by name."""
@@ -59,7 +59,7 @@ def test_files(tests: Path) -> list[str]:
 
 def make_copy(prefix: str) -> Path:
     dest = Path(tempfile.mkdtemp(prefix=f"flatlora_mutant_{prefix}_"))
-    ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.pyc", "results")  # bench/results: data only
     for item in COPIED:
         src = ROOT / item
         if src.is_dir():
