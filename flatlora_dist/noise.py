@@ -31,7 +31,6 @@ from .kernels import load_ops, scheme_for
 NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
 
-
 _LOCAL = threading.local()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
