@@ -27,7 +27,7 @@ from .inplace import Fixups, NoiseKey, perturb_region, restore_region
 from .kernels import scheme_for
 from .norms import reduction_group, row_norms
 from .schedule import noise_factor
-from .shards import ShardBackend, backend_kind, make_backend
+from .shards import Phase, ShardBackend, backend_kind, make_backend
 from .targets import LoraTarget, find_targets
 
 STATE_VERSION = 1
@@ -212,7 +212,7 @@ class FlatLoRA:
         try:
             items = []
             for t in dense:
-                items.append((keys[id(t)], self._backend_of[id(t)].regions(t)))
+                items.append((keys[id(t)], self._backend_of[id(t)].begin_write(t, Phase.PERTURB)))
                 taken.append(t)
             head, plans = fused.perturb_all(items, self._header(finite), std.device)
         except BaseException:
@@ -225,7 +225,7 @@ class FlatLoRA:
         self._stats.update(mean_row_std=mean, max_row_std=top)
         self._std_stats = None  # already on the host
         for t, p in zip(dense, plans):
-            self._backend_of[id(t)].after_write(t)
+            self._backend_of[id(t)].end_write(t, Phase.PERTURB)
             fix = fused.fixups(p)
             if fix is not None:
                 active.fixups[id(t)] = fix
@@ -248,26 +248,23 @@ class FlatLoRA:
         return torch.cat([flag, flag, self._std_stats.double()]).view(torch.int64).view(2, 2)
 
     def _release(self, targets: list[LoraTarget]) -> None:
-        """Close the backends' perturb/restore bookkeeping for targets whose regions were taken but not
-        written (a restore-time ``regions`` call, nothing subtracted)."""
+        """Abort the perturbation of targets whose regions were taken but not written."""
         for t in targets:
-            backend = self._backend_of[id(t)]
-            backend.regions(t)
-            backend.after_write(t)
+            self._backend_of[id(t)].abort_write(t)
 
     @staticmethod
     def _perturb_target(backend: ShardBackend, t: LoraTarget, key: NoiseKey) -> Fixups | None:
-        regions = backend.regions(t)
+        regions = backend.begin_write(t, Phase.PERTURB)
         done: list[tuple] = []
         try:
             for r in regions:
                 done.append((r, perturb_region(r, key)))
         except BaseException:
-            for r, fix in done:  # the same region objects: no second regions() call
+            for r, fix in done:  # the same region objects: no restore phase
                 restore_region(r, key, fix)
-            backend.after_write(t)
+            backend.abort_write(t)
             raise
-        backend.after_write(t)
+        backend.end_write(t, Phase.PERTURB)
         return Fixups.merge([fix for _, fix in done])
 
     @torch.no_grad()
@@ -289,9 +286,9 @@ class FlatLoRA:
                 continue
             fix = active.fixups.get(id(t))
             restore = fused.restore_region if key.fused else restore_region
-            for r in backend.regions(t):
+            for r in backend.begin_write(t, Phase.RESTORE):
                 restore(r, key, fix)
-            backend.after_write(t)
+            backend.end_write(t, Phase.RESTORE)
 
     @contextmanager
     def perturbed(self, step: int) -> Iterator[FlatLoRA]:

@@ -264,34 +264,70 @@ def _target(param):
 
 
 def test_region_bookkeeping_between_perturb_and_restore():
-    """Which regions are written when, and which stale gathered copies are dropped (no processes)."""
+    """Which regions are written in which phase, and which stale gathered copies are dropped (no processes)."""
+    from flatlora_dist.shards import Phase
     from flatlora_dist.shards.deepspeed import ZeRO3Backend
 
     b = ZeRO3Backend(None)
     # last of 3 ranks: partition of 34, 32 valid elements at global 68
     p = _fake_param(100, rank=2, world=3, gathered_device=None)
     t = _target(p)
-    (r,) = b.regions(t)
+    (r,) = b.begin_write(t, Phase.PERTURB)
     assert (r.start, r.tensor.numel()) == (68, 32)
-    b.after_write(t)
+    b.end_write(t, Phase.PERTURB)
     p.data, p.ds_status = torch.zeros(100), _Status("AVAILABLE")  # gathered from noisy partitions in forward
-    assert len(b.regions(t)) == 1  # the copy the engine never wrote is not "restored" ...
-    b.after_write(t)
+    assert len(b.begin_write(t, Phase.RESTORE)) == 1  # the copy the engine never wrote is not "restored" ...
+    b.end_write(t, Phase.RESTORE)
     assert p.released == 1 and p.ds_status.name == "NOT_AVAILABLE"  # ... it is dropped
     # persistent copy present at perturb: written both times, kept
     p = _fake_param(100, rank=0, world=2, gathered_device="cpu")
     t = _target(p)
-    assert [x.start for x in b.regions(t)] == [0, 0]
-    b.after_write(t)
-    assert [x.tensor.numel() for x in b.regions(t)] == [50, 100]
-    b.after_write(t)
+    assert [x.start for x in b.begin_write(t, Phase.PERTURB)] == [0, 0]
+    b.end_write(t, Phase.PERTURB)
+    assert [x.tensor.numel() for x in b.begin_write(t, Phase.RESTORE)] == [50, 100]
+    b.end_write(t, Phase.RESTORE)
     assert p.released == 0
     # gathered copy on another device type than the partition (offload_param cpu + GPU): dropped at perturb
     p = _fake_param(100, rank=0, world=2, gathered_device="cpu", partition_device="meta")
     t = _target(p)
-    assert len(b.regions(t)) == 1
-    b.after_write(t)
+    assert len(b.begin_write(t, Phase.PERTURB)) == 1
+    b.end_write(t, Phase.PERTURB)
     assert p.released == 1
     # world size 1: the gathered data is a view of the partition, written once
     p = _fake_param(100, rank=0, world=1, gathered_device=None, alias=True)
     assert len(b.regions(_target(p))) == 1
+
+
+def test_write_phases_out_of_order_raise_instead_of_flipping():
+    """One extra or missing call used to flip ZeRO-3's perturb/restore inference silently; now every
+    out-of-order phase raises, naming the call and the target's state, and changes nothing."""
+    from flatlora_dist.shards import Phase
+    from flatlora_dist.shards.deepspeed import ZeRO3Backend
+
+    b = ZeRO3Backend(None)
+    p = _fake_param(100, rank=0, world=2, gathered_device="cpu")
+    t = _target(p)
+    with pytest.raises(RuntimeError, match=r"begin_write\('layer', RESTORE\) while the target is clean"):
+        b.begin_write(t, Phase.RESTORE)
+    with pytest.raises(RuntimeError, match="end_write.*while the target is clean"):
+        b.end_write(t, Phase.PERTURB)
+    assert len(b.begin_write(t, Phase.PERTURB)) == 2
+    with pytest.raises(RuntimeError, match="PERTURB.*while the target is perturbing"):
+        b.begin_write(t, Phase.PERTURB)  # the extra call that used to be taken for the restore
+    with pytest.raises(RuntimeError, match="end_write.*RESTORE.*perturbing"):
+        b.end_write(t, Phase.RESTORE)
+    b.end_write(t, Phase.PERTURB)
+    with pytest.raises(RuntimeError, match="PERTURB.*while the target is perturbed"):
+        b.begin_write(t, Phase.PERTURB)
+    with pytest.raises(RuntimeError, match="abort_write.*perturbed"):
+        b.abort_write(t)
+    # the rejected calls left the bookkeeping intact: the restore still writes the perturbed copy
+    assert [x.tensor.numel() for x in b.begin_write(t, Phase.RESTORE)] == [50, 100]
+    b.end_write(t, Phase.RESTORE)
+    # an aborted perturbation (regions taken, nothing written) leaves the target clean
+    b.begin_write(t, Phase.PERTURB)
+    b.abort_write(t)
+    assert p.released == 0
+    with pytest.raises(RuntimeError, match="RESTORE.*clean"):
+        b.begin_write(t, Phase.RESTORE)
+    assert len(b.begin_write(t, Phase.PERTURB)) == 2

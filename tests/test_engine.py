@@ -275,6 +275,49 @@ def test_misuse_of_perturb_and_restore(tiny):
     assert not flat.is_perturbed
 
 
+def test_backend_write_phases_follow_the_engine(tiny):
+    """The engine names each write's phase; a backend call out of turn raises instead of flipping."""
+    from flatlora_dist.shards import Phase
+
+    flat = FlatLoRA(tiny, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant"))
+    (backend,) = flat._backends.values()
+    t = flat.targets[0]
+    with pytest.raises(RuntimeError, match=r"PlainBackend.begin_write\(.*RESTORE\) while the target is clean"):
+        backend.begin_write(t, Phase.RESTORE)
+    flat.perturb(2)
+    with pytest.raises(RuntimeError, match="PERTURB.*while the target is perturbed"):
+        backend.begin_write(t, Phase.PERTURB)
+    flat.restore()
+    assert backend._state == {}
+
+
+def test_failed_perturb_closes_every_phase(tiny, monkeypatch):
+    """A write that fails half way (third target) undoes the targets done, aborts the failing one, and
+    leaves every target clean: the next perturb/restore pair works and the base is bitwise unchanged."""
+    import flatlora_dist.engine as engine
+
+    before = fingerprint(tiny)
+    flat = FlatLoRA(tiny, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant"))
+    (backend,) = flat._backends.values()
+    real, done = engine.perturb_region, []
+
+    def fails_third(region, key):
+        if len(done) == 2:
+            raise OSError("device lost")
+        done.append(key.name)
+        return real(region, key)
+
+    monkeypatch.setattr(engine, "perturb_region", fails_third)
+    with pytest.raises(OSError, match="device lost"):
+        flat.perturb(3)
+    assert backend._state == {} and not flat.is_perturbed and fingerprint(tiny) == before
+    monkeypatch.setattr(engine, "perturb_region", real)
+    flat.perturb(3)
+    assert fingerprint(tiny) != before
+    flat.restore()
+    assert fingerprint(tiny) == before
+
+
 def test_exception_inside_the_window_still_restores(tiny):
     before = fingerprint(tiny)
     flat = FlatLoRA(tiny, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from ..targets import LoraTarget
-from .base import NORM_CHUNK, Factors, Region, ShardBackend
+from .base import NORM_CHUNK, Factors, Phase, Region, ShardBackend
 
 _BACKENDS = {
     "plain": ("flatlora_dist.shards.plain", "PlainBackend"),
@@ -54,4 +54,4 @@ def make_backend(kind: str, model) -> ShardBackend:
     return cls(model)
 
 
-__all__ = ["NORM_CHUNK", "Factors", "LoraTarget", "Region", "ShardBackend", "backend_kind", "make_backend"]
+__all__ = ["NORM_CHUNK", "Factors", "LoraTarget", "Phase", "Region", "ShardBackend", "backend_kind", "make_backend"]

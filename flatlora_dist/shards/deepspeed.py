@@ -12,13 +12,14 @@ a second region when it exists at perturb time, lives on the partition's device 
 the same noise) and does not alias the partition (at world size 1 ``param.data`` *is* a view of
 ``ds_tensor``; it is then covered by the partition region and never written twice).
 
-Consistency between perturb and restore.  ``regions`` is called by the engine exactly once when
-perturbing and once when restoring each target, each call followed by ``after_write``; the backend
-alternates on that.  At restore time the gathered copy is a region only if it is the very buffer
-that was perturbed (a reference is kept, so its address cannot be reused meanwhile).  A gathered
-copy that was *not* written by the engine — gathered during the forward from noisy partitions, or on
-another device type — is released in ``after_write`` (freed without write-back; the next use
-re-gathers from the partitions), so no stale noisy or unpatched copy survives a restore.
+Consistency between perturb and restore.  The engine names the phase of every write
+(``begin_write(target, Phase.PERTURB)`` ... ``end_write``, then the same for ``Phase.RESTORE``; see
+``base``); a call out of order raises instead of being taken for the other phase.  At restore time the
+gathered copy is a region only if it is the very buffer that was perturbed (a reference is kept, so
+its address cannot be reused meanwhile).  A gathered copy that was *not* written by the engine —
+gathered during the forward from noisy partitions, or on another device type — is released when the
+phase closes (freed without write-back; the next use re-gathers from the partitions), so no stale
+noisy or unpatched copy survives a restore.
 
 Use (the engine picks this backend by itself when a LoRA base weight has a ``ds_id``)::
 
@@ -55,7 +56,7 @@ import torch
 from torch import nn
 
 from ..targets import LoraTarget
-from .base import Factors, Region, ShardBackend
+from .base import Factors, Phase, Region, ShardBackend
 
 _OFFLOAD_FIX = (
     'set "zero_optimization.offload_param.device" to "cpu" (partitions in CPU memory: supported) '
@@ -162,7 +163,7 @@ class ZeRO3Backend(ShardBackend):
         self._written: dict[int, torch.Tensor | None] = {}
         """Per target perturbed: the gathered copy written at perturb time (kept alive) or None."""
         self._drop: dict[int, bool] = {}
-        """Per target: release the gathered copy in the coming ``after_write``."""
+        """Per target: release the gathered copy when the current write phase closes."""
 
     # ------------------------------------------------------------------ start-up
     def check(self, targets: list[LoraTarget]) -> None:
@@ -222,24 +223,36 @@ class ZeRO3Backend(ShardBackend):
 
     # ------------------------------------------------------------------ where the weight lives
     def regions(self, target: LoraTarget) -> list[Region]:
-        """Partition (valid prefix) plus, where consistent, the gathered copy; alternates perturb/restore."""
+        """Partition (valid prefix) plus the gathered copy when it lives on the partition's device type."""
+        part, now = self._storage(target)
+        usable = now is not None and now.device.type == part.tensor.device.type
+        return [part, Region(now, 0)] if usable else [part]
+
+    def _storage(self, target: LoraTarget) -> tuple[Region, torch.Tensor | None]:
         w = target.weight
         settle_inflight(self.model, [w])
-        part = partition_region(w)
-        now = gathered_copy(w)
+        return partition_region(w), gathered_copy(w)
+
+    def _write_regions(self, target: LoraTarget, phase: Phase) -> list[Region]:
+        """Perturb: the partition plus a usable gathered copy, which is remembered.  Restore: the
+        partition plus the gathered copy only if it is the very buffer written at perturb time."""
+        part, now = self._storage(target)
         key = id(target)
-        if key not in self._written:  # perturb time
+        if phase is Phase.PERTURB:
             usable = now is not None and now.device.type == part.tensor.device.type
             self._written[key] = now if usable else None
             self._drop[key] = now is not None and not usable
             return [part, Region(now, 0)] if usable else [part]
-        then = self._written.pop(key)  # restore time
+        then = self._written.pop(key)
         same = then is not None and now is not None and now.data_ptr() == then.data_ptr()
         self._drop[key] = now is not None and not same
         return [part, Region(now, 0)] if same else [part]
 
-    def after_write(self, target: LoraTarget) -> None:
-        """Release a gathered copy the engine did not write (it would keep stale values)."""
+    def _finish_write(self, target: LoraTarget, phase: Phase, written: bool) -> None:
+        """Release a gathered copy the engine did not write (it would keep stale values); an aborted
+        perturbation forgets the copy it took."""
+        if not written:
+            self._written.pop(id(target), None)
         if self._drop.pop(id(target), False) and gathered_copy(target.weight) is not None:
             _release(target.weight, target.name)
 
