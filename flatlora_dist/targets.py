@@ -13,14 +13,18 @@ from torch import nn
 
 from .layout import RowLayout
 
-_WRAPPER_PARTS = {"module", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+"""Module-name components that wrappers insert anywhere in a path (FSDP1 units, activation checkpointing,
+torch.compile).  Outer wrappers (DDP, a DeepSpeed engine, Lightning) add a leading ``module`` /
+``_forward_module`` instead."""
+_OUTER_WRAPPERS = frozenset({"module", "_forward_module"})
 _QUANTIZED_PARAMS = {"Params4bit", "Int8Params"}
 _QUANTIZED_LAYERS = {"Linear4bit", "Linear8bitLt"}
 
 
 def canonical_name(name: str) -> str:
     """Drop wrapper components (``module.``, ``_fsdp_wrapped_module.``, ...) and PEFT's ``base_model.model.``."""
-    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    parts = [p for p in name.split(".") if p not in WRAPPER_PARTS | _OUTER_WRAPPERS]
     if parts[:2] == ["base_model", "model"]:
         parts = parts[2:]
     return ".".join(parts)

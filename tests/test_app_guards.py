@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from flatlora_dist.checkpoint import base_fingerprint
 from flatlora_dist.hf import STATE_FILE
 from flatlora_dist.kernels import scheme_for
 from flatlora_dist.train.config import parse_args
-from flatlora_dist.train.report import frozen_fingerprint
 from flatlora_dist.train.run import (
     COMPLETE_MARKER,
     RunError,
@@ -108,16 +108,42 @@ def test_unreadable_state_file_is_named(tmp_path, capsys):
 
 def test_fingerprint_changes_when_one_base_bit_flips():
     model = tiny_llama()
-    before = frozen_fingerprint(model)
-    assert before == frozen_fingerprint(model)
+    before = base_fingerprint(model)
+    assert before == base_fingerprint(model)
     w = model.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
     bits = w.data.view(-1).view(torch.int32)
     k = bits.numel() // 2 + 3
     with torch.no_grad():
         bits[k] ^= 1  # the lowest mantissa bit of one element in the middle of a weight
-        assert frozen_fingerprint(model) != before
+        assert base_fingerprint(model) != before
         bits[k] ^= 1
-        assert frozen_fingerprint(model) == before
+        assert base_fingerprint(model) == before
         lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
         lora.view(-1).view(torch.int32)[0] ^= 1
-    assert frozen_fingerprint(model) == before, "trainable parameters are not part of the base fingerprint"
+    assert base_fingerprint(model) == before, "trainable parameters are not part of the base fingerprint"
+
+
+def test_rank0_evaluation_switches_zero3_off_and_back_through_public_calls():
+    """The sharded run's rank-0 evaluation loads and generates unsharded, then registers again the very
+    DeepSpeed config ``TrainingArguments`` keeps (``args.hf_deepspeed_config``); without DeepSpeed it
+    registers nothing."""
+    from types import SimpleNamespace
+
+    from transformers.integrations import deepspeed as hf_ds
+
+    from flatlora_dist.train.run import unsharded_loading
+
+    args = SimpleNamespace(hf_deepspeed_config=hf_ds.HfDeepSpeedConfig({"zero_optimization": {"stage": 3}}))
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with unsharded_loading(args):
+            assert not hf_ds.is_deepspeed_zero3_enabled()
+        assert hf_ds.is_deepspeed_zero3_enabled() and hf_ds.deepspeed_config() is args.hf_deepspeed_config.config
+        with pytest.raises(KeyError), unsharded_loading(args):
+            raise KeyError("evaluation failed")
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with unsharded_loading(SimpleNamespace()):
+            pass
+        assert not hf_ds.is_deepspeed_zero3_enabled()
+    finally:
+        hf_ds.unset_hf_deepspeed_config()

@@ -57,7 +57,7 @@ def test_failure_before_the_first_step_leaves_the_folder_as_found(tmp_path, monk
         assert (out / "run_config.json").is_file() and (out / "tensorboard").is_dir()
         raise RuntimeError("injected failure before the first step")
 
-    monkeypatch.setattr(run_mod, "frozen_fingerprint", failing)
+    monkeypatch.setattr(run_mod, "base_fingerprint", failing)
     with pytest.raises(RuntimeError, match="injected"):
         main([*QUICK, "--max_steps", "2", "--output_dir", str(out), *extra])
     assert folder_hash(out) == before and folder_hash(out.parent) == parent_before

@@ -24,7 +24,8 @@ sys.path.insert(0, str(DIST))
 
 from fsdp_common import ROOT, free_port, launch, worker_env  # noqa: E402
 
-from flatlora_dist.shards.fsdp import _row_covers, state_dict_key  # noqa: E402
+from flatlora_dist.checkpoint import state_dict_key  # noqa: E402
+from flatlora_dist.shards.fsdp_common import row_covers  # noqa: E402
 
 WORKER = DIST / "fsdp_worker.py"
 CYCLES = 20
@@ -80,7 +81,7 @@ def test_row_covers_match_torch_chunk(rows, ws):
     """The ceil row split used for FSDP2 geometry is torch.chunk's, with empty trailing ranks."""
     t = torch.arange(rows * 3).view(rows, 3)
     chunks = list(t.chunk(ws))
-    covers = _row_covers(t.shape, ws)
+    covers = row_covers(t.shape, ws)
     assert len(covers) == ws
     for q, (start, n) in enumerate(covers):
         want = chunks[q].reshape(-1) if q < len(chunks) else torch.empty(0, dtype=t.dtype)

@@ -32,17 +32,16 @@ Use (the engine picks this backend by itself when a LoRA base weight has a ``ds_
             if k == gas - 1:
                 flat.restore()                                  # before the boundary engine.step()
             engine.step()
-    sd = gathered_lora_state_dict(engine)                       # every rank (collective)
-    if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=sd)
+    flatlora_dist.checkpoint.save_adapter(engine, out_dir)      # every rank (collective); rank 0 writes
 
 Supported: ZeRO-3 with ``offload_param`` "none" or "cpu" (noise is then drawn on the CPU, where the
 partitions live), any ``stage3_param_persistence_threshold``, MiCS-style partition groups (norms are
 summed over ``ds_process_group`` only).  Refused at start-up: NVMe param offload, ZeRO++ hpZ secondary
 partitions, int8-quantized frozen partitions.  ZeRO-1/2 keep whole params: the plain backend.
 
-Everything here is local except ``lora_factors`` (all-gathers LoRA factors) and
-``gathered_lora_state_dict``; both are collective over the partition group.  ``deepspeed`` is
+Everything here is local except ``lora_factors`` (all-gathers LoRA factors) and ``full_copies``
+(the trainable parameters for ``checkpoint.gathered_lora_state_dict``); both are collective over the
+partition group.  ``deepspeed`` is
 imported only inside functions of this module.
 """
 
@@ -261,6 +260,25 @@ class ZeRO3Backend(ShardBackend):
         r = partition_region(target.weight)
         return [(r.start, r.tensor)]
 
+    # ------------------------------------------------------------------ any parameter (checkpoints)
+    def local_storage(self, param: torch.Tensor) -> torch.Tensor:
+        """The valid prefix of this rank's partition (padding holds garbage and is never included)."""
+        return partition_region(param).tensor
+
+    def full_copies(self, params: list[torch.Tensor], *, keep: bool = True) -> list[torch.Tensor] | None:
+        """Complete CPU copies in the storage dtype, all gathered in one ``GatheredParameters`` (transient
+        memory: all of ``params``).  Collective over the partition group; ranks with ``keep=False`` take
+        part but copy nothing."""
+        settle_inflight(self.model, params)
+        pending = [p for p in params if _status(p) != "AVAILABLE"]
+        with _gathered(pending):
+            if not keep:
+                return None
+            for p in params:
+                if p.data.numel() != int(p.ds_numel):
+                    raise RuntimeError(f"ZeRO-3 param {p.ds_id} is not gathered ({p.ds_summary()})")
+            return [p.data.detach().to("cpu", copy=True) for p in params]
+
     # ------------------------------------------------------------------ LoRA factors and functional mode
     @contextmanager
     def lora_factors(self, targets: list[LoraTarget]) -> Iterator[dict[int, Factors]]:
@@ -302,50 +320,3 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user model inside a DeepSpeed engine (``engine.module``), else ``model`` itself."""
-    try:
-        from deepspeed import DeepSpeedEngine
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        return model
-    return model.module if isinstance(model, DeepSpeedEngine) else model
-
-
-def gathered_lora_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    """Every trainable parameter (LoRA A/B, ``modules_to_save``) complete, as CPU copies.
-
-    ``model``: the DeepSpeed engine or ``engine.module`` (the PEFT model); keys are the PEFT model's
-    ``named_parameters()`` names (``base_model.model....lora_A.default.weight``), the form
-    ``PeftModel.save_pretrained(dir, state_dict=...)`` expects.  Values keep the training storage dtype
-    (bf16 under bf16 training; ZeRO-3 keeps the fp32 masters in the optimizer).
-
-    Collective: **every rank must call it**, at the same point, outside forward/backward (all trainable
-    ZeRO-3 params are all-gathered at once: transient memory = all trainable params).  The result is
-    identical on every rank; with ``rank0_only=True`` other ranks get ``{}`` (saves the CPU copies).
-    Also works without ZeRO-3 (plain / ZeRO-1/2 params are copied as they are).
-
-    Saving a complete adapter from the application::
-
-        sd = gathered_lora_state_dict(engine)                  # on every rank
-        if torch.distributed.get_rank() == 0:
-            engine.module.save_pretrained(out_dir, state_dict=sd)
-    """
-    module = _unwrap(model)
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    keep = True
-    if rank0_only:
-        import torch.distributed as dist
-
-        keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    settle_inflight(module, [p for _, p in named])
-    zero = [p for _, p in named if hasattr(p, "ds_id") and _status(p) != "AVAILABLE"]
-    out: dict[str, torch.Tensor] = {}
-    with _gathered(zero):
-        if keep:
-            for n, p in named:
-                if hasattr(p, "ds_id") and p.data.numel() != int(p.ds_numel):
-                    raise RuntimeError(f"{n} is not gathered ({p.ds_summary()})")
-                out[n] = p.data.detach().to("cpu", copy=True)
-    return out

@@ -450,7 +450,7 @@ def tokenize_examples(
     return TokenizedDataset(features), stats
 
 
-def _file_for(path: Path, split: str) -> Path:
+def split_file(path: Path, split: str) -> Path:
     """A file path as is; for a folder, ``<folder>/<split>.jsonl``."""
     if path.is_dir():
         candidate = path / f"{split}.jsonl"
@@ -505,7 +505,7 @@ def load_task(
         path = Path(name).expanduser()
         if not path.exists() and path.suffix != ".jsonl" and os.sep not in name:
             raise DataError(f"{name}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and no such file")
-        path = _file_for(path, split)
+        path = split_file(path, split)
         examples = load_jsonl_examples(path, tokenizer, fmt=fmt, style=style or "plain", limit=limit)
         kind, source = "sft", str(path)
     dataset, stats = tokenize_examples(tokenizer, examples, max_length, packing, source)

@@ -1,8 +1,8 @@
-"""What a run leaves behind for people: base-weight fingerprints, summary.json, curves.png."""
+"""What a run leaves behind for people: summary.json, curves.png (the base fingerprint is the library's:
+``flatlora_dist.checkpoint.base_fingerprint``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,57 +16,6 @@ import torch.distributed as dist
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _local_storage(p: torch.Tensor) -> torch.Tensor:
-    """This rank's stored elements of a parameter, padding excluded (ZeRO-3, FSDP2 or whole)."""
-    ds = getattr(p, "ds_tensor", None)
-    if ds is not None:
-        part = ds.numel()
-        rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if _dist_on() else 0
-        valid = max(0, min(part, p.ds_numel - rank * part))
-        return ds.view(-1)[:valid]
-    data = p.data
-    if type(data).__name__ == "DTensor":
-        data = data.to_local()
-    return data.reshape(-1)
-
-
-def _settle_fsdp(model: torch.nn.Module) -> None:
-    """Reshard FSDP units that a forward left unsharded (FSDP2 root and tail units, FSDP1 root keep their
-    full parameters after an evaluation forward): each rank then hashes its shard, as before training.
-    Local (no collective); nothing to do without FSDP."""
-    if not _dist_on():
-        return
-    from ..shards.fsdp import _fsdp1_index, _fsdp1_settle, _fsdp2_index, _fsdp2_settle
-
-    _fsdp2_settle(list(_fsdp2_index(model).values()))
-    _fsdp1_settle(list(_fsdp1_index(model).values()))
-
-
-def frozen_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the bytes of every frozen parameter this rank stores, combined over ranks in order.
-
-    Collective under torch.distributed.  Equal before and after training iff no rank's stored base
-    weights changed by a single bit.  (The value depends on the world size and sharding, since each
-    rank hashes its own shard; compare fingerprints within a run.)  Hashes copies: ``Tensor.numpy()``
-    on a parameter's own storage would make it non-resizable, and FSDP frees unsharded storage by
-    resizing it.
-    """
-    _settle_fsdp(model)
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            continue
-        t = _local_storage(p).detach().to("cpu", copy=True)
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    if not _dist_on() or dist.get_world_size() == 1:
-        return digest
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, digest)
-    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def peak_memory_mb() -> float:

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import base_fingerprint
 from .config import ConfigError, TrainConfig, parse_args
-from .report import frozen_fingerprint, gather_per_rank, peak_memory_mb, plot_curves, write_json_atomic
+from .report import gather_per_rank, peak_memory_mb, plot_curves, write_json_atomic
 
 logger = logging.getLogger("flatlora_dist.train")
 
@@ -171,9 +173,9 @@ def check_ds_batch(cfg: TrainConfig, ds: dict[str, Any], path: str) -> None:
 
 def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | None) -> None:
     """Parse a JSONL file's records (no tokenizer needed): malformed lines fail here, before any work."""
-    from .data import DataError, _file_for, detect_format, parse_alpaca, parse_chat, read_jsonl, record_keys
+    from .data import DataError, detect_format, parse_alpaca, parse_chat, read_jsonl, record_keys, split_file
 
-    p = _file_for(Path(path).expanduser(), split)
+    p = split_file(Path(path).expanduser(), split)
     records = read_jsonl(p)
     first_line, first = records[0]
     kind = detect_format(first) if fmt == "auto" else fmt
@@ -746,14 +748,32 @@ def sharded(cfg: TrainConfig, ds: dict[str, Any] | None) -> bool:
     return bool(cfg.fsdp) or bool(ds and ds.get("zero_optimization", {}).get("stage", 0) == 3)
 
 
-def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra,
+@contextmanager
+def unsharded_loading(args) -> Iterator[None]:
+    """Inside: transformers treats models as unsharded (``from_pretrained`` loads a plain model, ``generate``
+    does not sync with other ranks); after: the DeepSpeed
+    config that ``TrainingArguments`` registered (``args.hf_deepspeed_config``) is registered again, through
+    transformers' public ``unset_/set_hf_deepspeed_config``."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ds_config = getattr(args, "hf_deepspeed_config", None)  # None without DeepSpeed
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ds_config is not None:
+            hf_ds.set_hf_deepspeed_config(ds_config)
+
+
+def rank0_accuracy(cfg: TrainConfig, args, adapter_dir: Path, heldout, extra,
                    stop: StopRequest | None = None) -> tuple[dict, dict] | None:  # fmt: skip
     """Before/after accuracy from an unsharded copy on rank 0 (others wait at a barrier); ``None`` when a
     SIGTERM reached rank 0 during it (checked between batches).
 
     Token-by-token generation through ZeRO-3/FSDP gathers every layer for every new token; one plain
     copy of base + saved adapter is far cheaper whenever the model fits one device.  "Before" is the
-    base model with the adapter disabled, which is what LoRA's zero-initialised B starts from.
+    base model with the adapter disabled, which is what LoRA's zero-initialised B starts from.  ``args``:
+    the run's ``TrainingArguments``, whose DeepSpeed config is switched off for that load and back on after.
     """
     from .evaluate import EvaluationStopped, stop_when
 
@@ -762,28 +782,24 @@ def rank0_accuracy(cfg: TrainConfig, adapter_dir: Path, heldout, extra,
     result: tuple[dict, dict] | None = (before, after)
     if is_main() and cfg.eval_generate_limit and heldout is not None:
         from peft import PeftModel
-        from transformers.integrations import deepspeed as hf_ds
 
         from .model import load_model
 
-        saved = hf_ds._hf_deepspeed_config_weak_ref
-        hf_ds.unset_hf_deepspeed_config()  # a plain load, not ZeRO-3 partitioned, on this rank alone
         try:
-            base, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                         attn_implementation=cfg.attn_implementation,
-                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
-            if torch.cuda.is_available():
-                base = base.to(f"cuda:{torch.cuda.current_device()}")
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-            model.eval()
-            with stop_when(lambda: stop is not None and stop.signum is not None):  # rank 0 alone: local flag
-                with model.disable_adapter():
-                    before.update(_accuracy(cfg, model, tokenizer, heldout, extra))
-                after.update(_accuracy(cfg, model, tokenizer, heldout, extra))
+            with unsharded_loading(args):  # plain load and generation (no ZeRO-3 sync), on this rank alone
+                base, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                             attn_implementation=cfg.attn_implementation,
+                                             trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+                if torch.cuda.is_available():
+                    base = base.to(f"cuda:{torch.cuda.current_device()}")
+                model = PeftModel.from_pretrained(base, str(adapter_dir))
+                model.eval()
+                with stop_when(lambda: stop is not None and stop.signum is not None):  # rank 0 alone: local flag
+                    with model.disable_adapter():
+                        before.update(_accuracy(cfg, model, tokenizer, heldout, extra))
+                    after.update(_accuracy(cfg, model, tokenizer, heldout, extra))
         except EvaluationStopped:
             result = None
-        finally:
-            hf_ds._hf_deepspeed_config_weak_ref = saved
     barrier()
     return result
 
@@ -810,27 +826,15 @@ def load_data(cfg: TrainConfig, tokenizer):
     return train, heldout, extra
 
 
-def save_adapter(cfg: TrainConfig, model, target: Path) -> None:
-    """A complete PEFT adapter, also under ZeRO-3 / FSDP (LoRA weights gathered first)."""
-    state = None
-    first = next(p for p in model.parameters() if p.requires_grad)
-    if hasattr(first, "ds_id"):
-        from ..shards.deepspeed import gathered_lora_state_dict
+def save_adapter(model, target: Path) -> None:
+    """A complete PEFT adapter in ``target``, also under ZeRO-3 / FSDP (``checkpoint.save_adapter`` gathers
+    the LoRA weights; collective), written to a temporary folder and renamed, so a crash leaves none."""
+    from .. import checkpoint
 
-        state = gathered_lora_state_dict(model)
-    elif cfg.fsdp:
-        from ..shards.fsdp import gathered_lora_state_dict
-
-        state = gathered_lora_state_dict(model)
+    tmp = target.with_name(target.name + ".tmp")
     if is_main():
-        tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.fsdp:  # PEFT's save_pretrained writes an empty adapter under nested FSDP1 units
-            from ..shards.fsdp import save_adapter as save_fsdp_adapter
-
-            save_fsdp_adapter(model, tmp, state_dict=state)
-        else:
-            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    if checkpoint.save_adapter(model, tmp):  # every rank gathers; global rank 0 writes
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     barrier()
@@ -880,8 +884,8 @@ def _run(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if trainer.graceful_stop.stopped_at is not None:
         return stopped(trainer, out, stop)
-    fingerprint_after = frozen_fingerprint(trainer.model)
-    save_adapter(cfg, trainer.model, out / "adapter")
+    fingerprint_after = base_fingerprint(trainer.model)
+    save_adapter(trainer.model, out / "adapter")
     after_metrics = final_evaluation(cfg, ds, trainer, tokenizer, heldout, extra, boundaries.before, stop)
     peaks = gather_per_rank(peak_memory_mb())
     train_s = boundaries.train_seconds(trainer.state.log_history)
@@ -962,7 +966,7 @@ class Boundaries:
 
     def begin(self, state) -> None:
         model = self.trainer.model
-        self.before["fingerprint"] = frozen_fingerprint(model)
+        self.before["fingerprint"] = base_fingerprint(model)
         if not self.resumed:
             self.before["metrics"] = evaluate_all(self.cfg, model, self.tokenizer, self.heldout, self.extra,
                                                   self.accuracy)  # fmt: skip
@@ -1021,7 +1025,8 @@ def final_evaluation(cfg: TrainConfig, ds, trainer, tokenizer, heldout, extra, b
     except EvaluationStopped:
         return None
     if split_eval:
-        accuracy = gather_per_rank(rank0_accuracy(cfg, Path(cfg.output_dir) / "adapter", heldout, extra, stop))[0]
+        accuracy = gather_per_rank(rank0_accuracy(cfg, trainer.args, Path(cfg.output_dir) / "adapter", heldout, extra,
+                                                  stop))[0]  # fmt: skip
         if accuracy is None:
             return None
         if before.get("metrics") is not None:

@@ -46,9 +46,9 @@ def _base_params(model) -> dict[str, torch.Tensor]:
 
 
 def _stored(p: torch.Tensor) -> torch.Tensor:
-    from flatlora_dist.train.report import _local_storage
+    from flatlora_dist.shards import make_backend, param_kind
 
-    return _local_storage(p)
+    return make_backend(param_kind(p), None).local_storage(p)
 
 
 class Recorder:

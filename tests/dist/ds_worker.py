@@ -34,7 +34,7 @@ import flatlora_dist.noise as noise_mod
 import flatlora_dist.shards.base as base_mod
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
 from flatlora_dist.inplace import NoiseKey
-from flatlora_dist.shards.deepspeed import gathered_lora_state_dict
+from flatlora_dist.checkpoint import gathered_lora_state_dict
 
 SEED, SIGMA, LR, SEQ = 1234, 0.2, 1e-2, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

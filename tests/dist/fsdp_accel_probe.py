@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from fsdp_common import base_model, tiny_model
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
-from flatlora_dist.shards.fsdp import gathered_lora_state_dict, save_adapter
+from flatlora_dist.checkpoint import gathered_lora_state_dict, save_adapter
 
 
 def make_accelerator() -> tuple[Accelerator, bool]:

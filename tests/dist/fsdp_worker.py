@@ -22,7 +22,8 @@ from tiny_lora import capture_input_grad
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
 from flatlora_dist.noise import noise_range
-from flatlora_dist.shards.fsdp import _fsdp1_unsharded, gathered_lora_state_dict, save_adapter, state_dict_key
+from flatlora_dist.checkpoint import gathered_lora_state_dict, save_adapter, state_dict_key
+from flatlora_dist.shards.fsdp1 import unsharded
 
 SEED, STEP = 7, 3
 
@@ -101,7 +102,7 @@ def unsharded_targets(flat: FlatLoRA, kind: str) -> int:
     backend = flat._backend_of[id(flat.targets[0])]
     if kind == "fsdp2":
         return sum(type(t.weight).__name__ != "DTensor" for t in flat.targets)
-    return sum(_fsdp1_unsharded(backend._weight_entry(t).handle) for t in flat.targets)
+    return sum(unsharded(backend._weight_entry(t).handle) for t in flat.targets)
 
 
 def loss_on(model, x: torch.Tensor) -> float:

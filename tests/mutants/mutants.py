@@ -57,7 +57,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "global_offset_off_by_one",
         "a shard's global start off by one (FSDP2 region)",
-        (("flatlora_dist/shards/fsdp.py",
+        (("flatlora_dist/shards/fsdp2.py",
           "return [Region(piece.local, piece.covers[e.geo.me][0])]",
           "return [Region(piece.local, piece.covers[e.geo.me][0] + 1)]"),),
     ),
