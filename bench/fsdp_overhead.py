@@ -46,7 +46,7 @@ def worker(args: dict, out_dir: Path) -> None:
     times = interleaved_steps(
         flat, plain, lambda x: model(input_ids=x, labels=x).loss.backward(), opt_step, args, rank
     )
-    backend = flat._backend_of[id(flat.targets[0])]
+    backend = flat.backend_of(flat.targets[0])
     local = [r.tensor for t in flat.targets for r in backend.regions(t)]
     res = {
         "rank": rank,

@@ -162,9 +162,9 @@ def component_times(flat: FlatLoRA, device: str, reps: int = 5) -> dict[str, flo
     from flatlora_dist.noise import noise_range
 
     t = max(flat.targets, key=lambda t: t.layout.numel)
-    backend = flat._backend_of[id(t)]
+    backend = flat.backend_of(t)
     flat.perturb(0)
-    key = flat._active.keys[id(t)]
+    key = flat.noise_key(t)
     numel = t.layout.numel
     parts = {
         "bnb dequantize_4bit": lambda: bf.dequantize_4bit(t.weight.data, t.weight.quant_state),

@@ -121,6 +121,19 @@ class FlatLoRA:
     def is_perturbed(self) -> bool:
         return self._active is not None
 
+    def backend_of(self, target: LoraTarget) -> ShardBackend:
+        """The backend that stores ``target``'s base weight (one of ``self.targets``)."""
+        return self._backend_of[id(target)]
+
+    def noise_key(self, target: LoraTarget) -> NoiseKey:
+        """The key of the noise ``target`` carries now; ``RuntimeError`` outside perturb/restore or for a
+        step that was skipped or had no noise (factor 0)."""
+        key = self._active.keys.get(id(target)) if self._active is not None else None
+        if key is None:
+            raise RuntimeError(f"layer {target.name!r} carries no noise now: call perturb(step) with a step whose "
+                               "noise factor is > 0 first")  # fmt: skip
+        return key
+
     @torch.no_grad()
     def perturb(self, step: int) -> None:
         """Add step ``step``'s noise to every target (collective over the shard group)."""

@@ -156,9 +156,12 @@ def cpu_fsdp_state(args, kind: str | None) -> bool:
         plugin.set_state_dict_type("SHARDED_STATE_DICT")
     # Every later AcceleratorState() (the Trainer's Accelerator makes one) re-copies PartialState's fields over
     # its own: switch both.  MULTI_CPU says device cpu:<local rank>; FSDP1 wants the parameters' "cpu".
-    switch = {"distributed_type": DistributedType.FSDP, "device": torch.device("cpu")}
-    PartialState._shared_state.update(switch)
-    state.__dict__.update(switch)
+    # Both are singletons whose instances share one attribute dict, so setting the public attributes on an
+    # instance switches the process-wide state (no private _shared_state needed).
+    partial = PartialState()
+    for name, value in {"distributed_type": DistributedType.FSDP, "device": torch.device("cpu")}.items():
+        setattr(partial, name, value)
+        setattr(state, name, value)
     state.fsdp_plugin = plugin
     if kind == "hsdp":
         replicate, shard = hsdp_sizes()
