@@ -152,15 +152,10 @@ class FSDP1Backend(FSDPBackend):
     name = "fsdp1"
     _index = staticmethod(index)
     _settle = staticmethod(settle)
-
-    def _weight_entry(self, target: LoraTarget) -> Entry:
-        e = self._entry(target.base, "weight")
-        if e is None:
-            raise ValueError(
-                f"base weight of {target.name!r} looks FSDP1-flattened but no FSDP unit of the model holds it; "
-                "pass the FSDP-wrapped model (the root FullyShardedDataParallel) to FlatLoRA"
-            )
-        return e
+    _unmanaged = (
+        "looks FSDP1-flattened but no FSDP unit of the model holds it; pass the FSDP-wrapped model (the root "
+        "FullyShardedDataParallel) to FlatLoRA"
+    )
 
     # ------------------------------------------------------------------ start-up
     def check(self, targets: list[LoraTarget]) -> None:

@@ -145,19 +145,15 @@ class FSDP2Backend(FSDPBackend):
     name = "fsdp2"
     _index = staticmethod(index)
     _settle = staticmethod(settle)
+    _unmanaged = (
+        "is a DTensor that no fully_shard unit of the model manages; pass the fully_shard-wrapped model to "
+        "FlatLoRA (tensor parallel DTensors are not supported)"
+    )
 
     def _sharded_piece(self, entry: Entry, tensor: torch.Tensor) -> Piece | None:
         """The entry's row piece while ``tensor`` is the sharded DTensor; ``None`` (whole) otherwise."""
         return entry.piece() if type(tensor).__name__ == "DTensor" else None
 
-    def _weight_entry(self, target: LoraTarget) -> Entry:
-        e = self._entry(target.base, "weight")
-        if e is None:
-            raise ValueError(
-                f"base weight of {target.name!r} is a DTensor that no fully_shard unit of the model manages; "
-                "pass the fully_shard-wrapped model to FlatLoRA (tensor parallel DTensors are not supported)"
-            )
-        return e
 
     # ------------------------------------------------------------------ start-up
     def check(self, targets: list[LoraTarget]) -> None:

@@ -139,46 +139,53 @@ class Entry(Protocol):
 
 class FSDPBackend(ShardBackend):
     """What FSDP1 and FSDP2 backends share: entries found by ``(module, attribute)``, LoRA factors and
-    complete copies gathered from pieces.  Subclasses set ``family`` (for messages) and implement
+    complete copies gathered from pieces.  Subclasses set ``_unmanaged`` (the error text) and implement
     ``_index`` (every managed parameter of ``model``), ``_settle`` (reshard entries' units) and
     ``_sharded_piece`` (the piece of a parameter as it is registered now, or ``None`` if whole)."""
 
-    family = "FSDP"
+    _unmanaged = "is managed by no FSDP unit of the model"
+    """Why a base weight has no entry, and the fix (completes "base weight of 'name' ...")."""
 
     def __init__(self, model=None) -> None:
         super().__init__(model)
-        self._entries: dict[tuple[int, str], Any] | None = None
+        self._entries: dict[tuple[int, str], Entry] | None = None
         self._group = None
 
     # ------------------------------------------------------------------ family hooks
     @staticmethod
-    def _index(model: nn.Module) -> dict[tuple[int, str], Any]:
+    def _index(model: nn.Module) -> dict[tuple[int, str], Entry]:
         raise NotImplementedError
 
     @staticmethod
-    def _settle(entries: list) -> None:
+    def _settle(entries: list[Entry]) -> None:
         raise NotImplementedError
 
-    def _sharded_piece(self, entry, tensor: torch.Tensor) -> Piece | None:
+    def _sharded_piece(self, entry: Entry, tensor: torch.Tensor) -> Piece | None:
         return entry.piece()
 
     # ------------------------------------------------------------------ lookup
-    def _entry(self, module: nn.Module, name: str):
+    def _entry(self, module: nn.Module, name: str) -> Entry | None:
         """The entry of ``module.<name>``, or ``None`` when no FSDP unit of the model manages it."""
         # a module that is its own FSDP1 unit (the HF Trainer's PEFT auto-wrap policy wraps every LoRA Linear)
         # sits behind its FullyShardedDataParallel wrapper in the parent's ModuleDict
         module = getattr(module, "_fsdp_wrapped_module", module)
         return self._lookup().get((id(module), name))
 
-    def _lookup(self) -> dict[tuple[int, str], Any]:
+    def _lookup(self) -> dict[tuple[int, str], Entry]:
         if self._entries is None:
             self._entries = self._index(self.model)
         return self._entries
 
-    def _all_entries(self) -> list:
+    def _all_entries(self) -> list[Entry]:
         return list(self._lookup().values())
 
-    def _factor_entries(self, targets: list[LoraTarget]) -> list:
+    def _weight_entry(self, target: LoraTarget) -> Entry:
+        e = self._entry(target.base, "weight")
+        if e is None:
+            raise ValueError(f"base weight of {target.name!r} {self._unmanaged}")
+        return e
+
+    def _factor_entries(self, targets: list[LoraTarget]) -> list[Entry]:
         """The entries of every active adapter's ``lora_A`` / ``lora_B`` weight (whole ones have none)."""
         out = []
         for t in targets:
@@ -189,10 +196,13 @@ class FSDPBackend(ShardBackend):
                         out.append(e)
         return out
 
-    def _piece_of(self, module: nn.Module, tensor: torch.Tensor) -> Piece:
-        e = self._entry(module, "weight")
-        piece = self._sharded_piece(e, tensor) if e is not None else None
+    def _piece(self, entry: Entry | None, tensor: torch.Tensor) -> Piece:
+        """``tensor``'s piece: sharded through its entry, else whole."""
+        piece = self._sharded_piece(entry, tensor) if entry is not None else None
         return piece if piece is not None else Piece.whole(tensor)
+
+    def _piece_of(self, module: nn.Module, tensor: torch.Tensor) -> Piece:
+        return self._piece(self._entry(module, "weight"), tensor)
 
     def reduce_group(self):
         """The process group of the weights' shard dimension (never an HSDP replicate dimension);
@@ -215,12 +225,7 @@ class FSDPBackend(ShardBackend):
         """Complete CPU copies from the pieces: one ``all_gather`` per (shard group, dtype); no other
         parameter moves.  Collective over the shard group (under HSDP every replica gathers its own)."""
         owner = {id(getattr(e.module, e.attr)): e for e in self._all_entries()}
-        pieces = []
-        for p in params:
-            e = owner.get(id(p))
-            piece = self._sharded_piece(e, p) if e is not None else None
-            pieces.append(piece if piece is not None else Piece.whole(p))
-        full = gather_full(pieces)
+        full = gather_full([self._piece(owner.get(id(p)), p) for p in params])
         return [f.detach().to("cpu", copy=True) for f in full] if keep else None
 
 
