@@ -41,8 +41,7 @@ partitions, int8-quantized frozen partitions.  ZeRO-1/2 keep whole params: the p
 
 Everything here is local except ``lora_factors`` (all-gathers LoRA factors) and ``full_copies``
 (the trainable parameters for ``checkpoint.gathered_lora_state_dict``); both are collective over the
-partition group.  ``deepspeed`` is
-imported only inside functions of this module.
+partition group.  ``deepspeed`` is imported only inside functions of this module.
 """
 
 from __future__ import annotations
@@ -114,6 +113,11 @@ def gathered_copy(param: torch.Tensor) -> torch.Tensor | None:
     if _shares_storage(data, param.ds_tensor):
         return None
     return data.view(-1)
+
+
+def _usable(part: Region, copy: torch.Tensor | None) -> bool:
+    """Whether a gathered copy can take the noise with the partition (same device type: same noise)."""
+    return copy is not None and copy.device.type == part.tensor.device.type
 
 
 def settle_inflight(model: nn.Module | None, params: list[torch.Tensor]) -> None:
@@ -224,8 +228,7 @@ class ZeRO3Backend(ShardBackend):
     def regions(self, target: LoraTarget) -> list[Region]:
         """Partition (valid prefix) plus the gathered copy when it lives on the partition's device type."""
         part, now = self._storage(target)
-        usable = now is not None and now.device.type == part.tensor.device.type
-        return [part, Region(now, 0)] if usable else [part]
+        return [part, Region(now, 0)] if _usable(part, now) else [part]
 
     def _storage(self, target: LoraTarget) -> tuple[Region, torch.Tensor | None]:
         w = target.weight
@@ -238,7 +241,7 @@ class ZeRO3Backend(ShardBackend):
         part, now = self._storage(target)
         key = id(target)
         if phase is Phase.PERTURB:
-            usable = now is not None and now.device.type == part.tensor.device.type
+            usable = _usable(part, now)
             self._written[key] = now if usable else None
             self._drop[key] = now is not None and not usable
             return [part, Region(now, 0)] if usable else [part]

@@ -751,9 +751,9 @@ def sharded(cfg: TrainConfig, ds: dict[str, Any] | None) -> bool:
 @contextmanager
 def unsharded_loading(args) -> Iterator[None]:
     """Inside: transformers treats models as unsharded (``from_pretrained`` loads a plain model, ``generate``
-    does not sync with other ranks); after: the DeepSpeed
-    config that ``TrainingArguments`` registered (``args.hf_deepspeed_config``) is registered again, through
-    transformers' public ``unset_/set_hf_deepspeed_config``."""
+    does not sync with other ranks).  After: the DeepSpeed config that ``TrainingArguments`` registered
+    (``args.hf_deepspeed_config``) is registered again.  Public calls only: ``unset_hf_deepspeed_config``
+    and ``set_hf_deepspeed_config``."""
     from transformers.integrations import deepspeed as hf_ds
 
     ds_config = getattr(args, "hf_deepspeed_config", None)  # None without DeepSpeed
@@ -828,7 +828,8 @@ def load_data(cfg: TrainConfig, tokenizer):
 
 def save_adapter(model, target: Path) -> None:
     """A complete PEFT adapter in ``target``, also under ZeRO-3 / FSDP (``checkpoint.save_adapter`` gathers
-    the LoRA weights; collective), written to a temporary folder and renamed, so a crash leaves none."""
+    the LoRA weights; collective), written to a temporary folder and renamed: a crash never leaves half an
+    adapter in ``target``."""
     from .. import checkpoint
 
     tmp = target.with_name(target.name + ".tmp")
