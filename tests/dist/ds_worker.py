@@ -88,19 +88,19 @@ def flat_config(sigma: float = SIGMA, mode: str = "inplace") -> FlatLoRAConfig:
 
 
 class RegionLog:
-    """Wraps ``backend.regions`` to record how many regions each call returned (1 or 2)."""
+    """Wraps ``backend.begin_write`` to record how many regions each write phase got (1 or 2)."""
 
     def __init__(self, flat: FlatLoRA) -> None:
         self.counts: list[int] = []
         for backend in flat._backends.values():
-            orig = backend.regions
+            orig = backend.begin_write
 
-            def wrapped(target, _orig=orig):
-                regs = _orig(target)
+            def wrapped(target, phase, _orig=orig):
+                regs = _orig(target, phase)
                 self.counts.append(len(regs))
                 return regs
 
-            backend.regions = wrapped
+            backend.begin_write = wrapped
 
 
 # ---------------------------------------------------------------------------------------------- check 1
