@@ -5,10 +5,10 @@ Used in-process by ``tests/test_user_trainers.py`` (single process) and launched
 with the same rendezvous variables torchrun sets; 2-rank FSDP2 under ``accelerate launch``).  Argument 1:
 a JSON spec; argument 2: the output folder, where each rank writes ``rank<r>.json``.
 
-Spec: ``{"mode": "single" | "zero3" | "fsdp2", "runs": ["readme", "guarded"], "nan_step": int}``.
-``readme`` runs the README's second block (a plain ``Trainer`` with a NaN step, then an ``SFTTrainer``, gradient
-accumulation 2, gradient checkpointing; under ZeRO-3 with the user-style ``ds_configs/zero3.json``:
-``"auto"`` values, ``"bf16": {"enabled": "auto"}``).  ``guarded`` builds a ``Trainer`` here (checkpoints
+Spec: ``{"mode": "single" | "zero3" | "fsdp2", "runs": [...], "nan_step": int}``; runs: ``trainer`` runs
+the README's ``Trainer`` block (with a NaN step), ``sft`` its ``SFTTrainer`` block (gradient accumulation 2,
+gradient checkpointing; under ZeRO-3 with the user-style ``ds_configs/zero3.json``: ``"auto"`` values,
+``"bf16": {"enabled": "auto"}``; one DeepSpeed trainer per process, as accelerate's state is per process).  ``guarded`` builds a ``Trainer`` here (checkpoints
 every 2 steps, a NaN step) and runs only the README's first block (``train_flat``): under FSDP2 on CPU the
 Trainer must be built after accelerate's CPU switch (``cpu_fsdp_state``), which sits between the
 arguments and the Trainer.
@@ -194,33 +194,31 @@ def base_unchanged(model, clean_all: dict[str, torch.Tensor], mode: str) -> bool
 def settings(mode: str) -> dict[str, Any]:
     """What the harness injects into the README blocks besides model and data."""
     return {"steps": STEPS, "ds_config": str(ROOT / "ds_configs" / "zero3.json") if mode == "zero3" else None,
-            "bf16": False}  # fmt: skip
+            "cpu_only": not torch.cuda.is_available()}  # fmt: skip
 
 
-def run_readme(spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The README's blocks as written: a plain Trainer, then an SFTTrainer."""
-    define, use = readme_blocks()
+def run_readme(kind: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The README's ``train_flat`` block, then its ``Trainer`` (``kind="trainer"``, with the spec's NaN
+    step) or ``SFTTrainer`` block (``kind="sft"``), as written."""
+    define, *blocks = readme_blocks()
     mode = spec["mode"]
     ref, clean, clean_all = reference()
     model, tok = tiny()
-    sft_model, _ = tiny()
-    probes = {"trainer": Probe(model, spec["nan_step"]), "sft": Probe(sft_model)}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ns: dict[str, Any] = {"out": str(out / "trainer"), "sft_out": str(out / "sft"), "model": model,
-                          "dataset": token_data(STEPS * GAS * 2 * world), "sft_model": sft_model,
-                          "texts": text_data(STEPS * GAS * 2 * world), "tokenizer": tok, **settings(mode)}  # fmt: skip
+    probe = Probe(model, spec["nan_step"] if kind == "trainer" else None)
+    n = STEPS * GAS * 2 * int(os.environ.get("WORLD_SIZE", "1"))
+    ns: dict[str, Any] = {"out": str(out), "model": model, "tokenizer": tok, **settings(mode),
+                          **({"dataset": token_data(n)} if kind == "trainer" else {"texts": text_data(n)})}  # fmt: skip
     exec(define, ns)
-    given = ns["train_flat"]  # the README's default sigma/cosine config has no noise at step 0: constant here
+    given = ns["train_flat"]  # the README's default config (cosine) has no noise at step 0: constant here
     ns["train_flat"] = lambda trainer: given(trainer, flat_config())
-    exec(use, ns)
-    rec = {}
-    for name, m, flat in (("trainer", model, ns["flat"]), ("sft", sft_model, ns["sft_flat"])):
-        r = probes[name].report(ref, clean)
-        r["base_unchanged"] = base_unchanged(m, clean_all, mode)
-        r["skipped_steps"] = flat.skipped_steps
-        r["perturbed_after"] = bool(flat.flat.is_perturbed)
-        r["lora_finite"] = all(bool(torch.isfinite(local(p)).all()) for p in lora_params(m))
-        rec[name] = r
+    exec(blocks[0 if kind == "trainer" else 1], ns)
+    flat = ns["flat"]
+    rec = probe.report(ref, clean)
+    rec["base_unchanged"] = base_unchanged(model, clean_all, mode)
+    rec["skipped_steps"] = flat.skipped_steps
+    rec["perturbed_after"] = bool(flat.flat.is_perturbed)
+    rec["backends"] = flat.flat.stats()["backends"]
+    rec["lora_finite"] = all(bool(torch.isfinite(local(p)).all()) for p in lora_params(model))
     return rec
 
 
@@ -258,6 +256,7 @@ def run_guarded(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     rec = probe.report(ref, clean)
     rec["base_unchanged"] = base_unchanged(trainer.model, clean_all, mode)
     rec["skipped_steps"] = flat.skipped_steps
+    rec["backends"] = flat.flat.stats()["backends"]
     rec["lora_finite"] = all(bool(torch.isfinite(local(p)).all()) for p in lora_params(trainer.model))
     if mode == "single":
         from safetensors.torch import load_file
@@ -278,11 +277,11 @@ def run(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if spec["mode"] == "zero3":
         import deepspeed
 
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         deepspeed.init_distributed(dist_backend="gloo")  # before TrainingArguments on CPU
     rec = {}
     for name in spec["runs"]:
-        rec[name] = (run_readme if name == "readme" else run_guarded)(spec, out / name)  # one folder for all ranks
+        out_run = out / name  # one folder for all ranks
+        rec[name] = run_guarded(spec, out_run) if name == "guarded" else run_readme(name, spec, out_run)
     return rec
 
 
