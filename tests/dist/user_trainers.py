@@ -39,7 +39,7 @@ import torch  # noqa: E402
 README = ROOT / "README.md"
 HEADING = "Use it with your own Trainer / TRL"
 TARGETS = ("model.layers.0.self_attn.q_proj.base_layer", "model.layers.1.mlp.down_proj.base_layer")
-STEPS = 4
+STEPS = 3
 GAS = 2
 SIGMA = 0.1
 SEED = 3
@@ -89,7 +89,10 @@ def text_data(n: int):
 
 
 def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    """Hash of the raw bytes, from a copy (``numpy()`` would pin FSDP2's unsharded storage: it must stay
+    resizable for the reshard after forward)."""
+    raw = t.detach().clone().contiguous().view(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:16]
 
 
 def local(p: torch.Tensor) -> torch.Tensor:
