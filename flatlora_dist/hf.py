@@ -131,11 +131,11 @@ class FlatLoRACallback(TrainerCallback):
                     raise ValueError("FlatLoRACallback: set FlatLoRAConfig.total_steps or the Trainer's max_steps")
                 cfg = replace(cfg, total_steps=int(state.max_steps))
             self.flat = FlatLoRA(model, cfg)
-        if optimizer is None:
-            raise ValueError("FlatLoRACallback needs the Trainer's optimizer (on_train_begin got none)")
         if self._hook is not None:
             self._hook.remove()
-        self._hook = innermost_optimizer(optimizer).register_step_pre_hook(self._before_update)
+            self._hook = None
+        if optimizer is not None:  # the Trainer always passes it; a callback driven by hand may have none
+            self._hook = innermost_optimizer(optimizer).register_step_pre_hook(self._before_update)
         self._scheduler = lr_scheduler
 
     def on_step_begin(self, args, state, control, **kwargs):

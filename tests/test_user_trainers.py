@@ -52,6 +52,17 @@ def check_guarded(rec: dict, nan_step: int) -> None:
     assert rec["lora_finite"] and rec["base_unchanged"]
 
 
+def check_readme_run(rec: dict, trainer: str, *, bitwise: bool) -> None:
+    """A README block's run: noise as above (gradient checkpointing: two forwards per micro-batch), the
+    base clean and bitwise unchanged; the Trainer's NaN step (1) skipped, none in the SFT run."""
+    check_noise(rec, bitwise=bitwise, recompute=True)
+    assert rec["base_unchanged"] and not rec["perturbed_after"] and rec["lora_finite"]
+    if trainer == "trainer":
+        check_guarded(rec, 1)
+    else:
+        assert rec["skipped_steps"] == []
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     return ut.run({"mode": "single", "runs": ["trainer", "sft", "guarded"], "nan_step": 1},
@@ -61,14 +72,8 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("trainer", ["trainer", "sft"])
 def test_readme_trainers_single_process(single, trainer):
     """Both README trainers; the plain Trainer's run has a NaN step (skipped by the callback's pre-hook)."""
-    rec = single[trainer]
-    assert rec["backends"] == "plain"
-    check_noise(rec, bitwise=True, recompute=True)
-    assert rec["base_unchanged"] and not rec["perturbed_after"] and rec["lora_finite"]
-    if trainer == "trainer":
-        check_guarded(rec, 1)
-    else:
-        assert rec["skipped_steps"] == []
+    assert single[trainer]["backends"] == "plain"
+    check_readme_run(single[trainer], trainer, bitwise=True)
 
 
 def test_callback_alone_skips_nonfinite_step_and_saves_clean_checkpoints(single):
@@ -89,14 +94,8 @@ def test_readme_trainers_zero3_two_ranks(trainer):
     reported through accelerate's step_was_skipped."""
     res = launch(DIST / "user_trainers.py", 2, {"mode": "zero3", "runs": [trainer], "nan_step": 1}, timeout=400)
     for rank in res:
-        rec = rank[trainer]
-        assert rec["backends"] == "deepspeed", "not a ZeRO-3 run"
-        check_noise(rec, bitwise=False, recompute=True)
-        assert rec["base_unchanged"] and not rec["perturbed_after"] and rec["lora_finite"]
-        if trainer == "trainer":
-            check_guarded(rec, 1)
-        else:
-            assert rec["skipped_steps"] == []
+        assert rank[trainer]["backends"] == "deepspeed", "not a ZeRO-3 run"
+        check_readme_run(rank[trainer], trainer, bitwise=False)
     target = ut.TARGETS[0]
     assert res[0][trainer][target]["hashes"] == res[1][trainer][target]["hashes"], "ranks saw different weights"
 

@@ -5,7 +5,7 @@ Used in-process by ``tests/test_user_trainers.py`` (single process) and launched
 with the same rendezvous variables torchrun sets; 2-rank FSDP2 under ``accelerate launch``).  Argument 1:
 a JSON spec; argument 2: the output folder, where each rank writes ``rank<r>.json``.
 
-Spec: ``{"mode": "single" | "zero3" | "fsdp2", "runs": [...], "nan_step": int}``; runs: ``trainer`` runs
+Spec: ``{"mode": "single" | "zero2" | "zero3" | "fsdp2", "runs": [...], "nan_step": int}``; runs: ``trainer`` runs
 the README's ``Trainer`` block (with a NaN step), ``sft`` its ``SFTTrainer`` block (gradient accumulation 2,
 gradient checkpointing; under ZeRO-3 with the user-style ``ds_configs/zero3.json``: ``"auto"`` values,
 ``"bf16": {"enabled": "auto"}``; one DeepSpeed trainer per process, as accelerate's state is per process).  ``guarded`` builds a ``Trainer`` here (checkpoints
@@ -196,8 +196,8 @@ def base_unchanged(model, clean_all: dict[str, torch.Tensor], mode: str) -> bool
 
 def settings(mode: str) -> dict[str, Any]:
     """What the harness injects into the README blocks besides model and data."""
-    return {"steps": STEPS, "ds_config": str(ROOT / "ds_configs" / "zero3.json") if mode == "zero3" else None,
-            "cpu_only": not torch.cuda.is_available()}  # fmt: skip
+    ds = str(ROOT / "ds_configs" / f"{mode}.json") if mode in ("zero2", "zero3") else None
+    return {"steps": STEPS, "ds_config": ds, "cpu_only": not torch.cuda.is_available()}
 
 
 def run_readme(kind: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -277,7 +277,7 @@ def run_guarded(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 def run(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every run of ``spec`` in this process; returns (and, launched, writes) this rank's record."""
     torch.set_num_threads(1)
-    if spec["mode"] == "zero3":
+    if spec["mode"] in ("zero2", "zero3"):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")  # before TrainingArguments on CPU
