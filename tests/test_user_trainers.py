@@ -78,13 +78,18 @@ def test_readme_trainers_single_process(single, trainer):
 
 def test_callback_alone_skips_nonfinite_step_and_saves_clean_checkpoints(single):
     """A NaN loss at step 1 (0-based): no optimizer update (LoRA and Adam's step count unchanged), the LR
-    scheduler does not advance, training goes on; checkpoint-2's adapter is the LoRA after 2 updates."""
+    scheduler does not advance, training goes on; checkpoint-2's adapter is the LoRA after 2 updates, and
+    every save (checkpoints, one asked for mid-window, the final adapter) ran with the base clean: the
+    Trainer saves after on_step_end, where the callback has restored (no save override needed)."""
     rec = single["guarded"]
     assert rec["backends"] == "plain"
     check_noise(rec, bitwise=True, recompute=False)
     check_guarded(rec, 1)
     assert rec["adam_steps"] == [ut.STEPS - 1] and rec["scheduler_epoch"] == ut.STEPS - 1
     assert rec["checkpoint2_equals_lora"]
+    # checkpoint-1: a save asked for mid-window (done at the step end); every save found the base clean
+    assert rec["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]  # 3: the last step
+    assert len(rec["saves_saw_clean_base"]) >= 3 and all(rec["saves_saw_clean_base"])
 
 
 @pytest.mark.slow

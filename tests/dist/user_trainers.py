@@ -245,14 +245,26 @@ def run_guarded(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         cpu_fsdp_state(args, "fsdp2")  # CPU only: accelerate 1.15 drops FSDP under gloo (see fsdp_args)
     trainer = Trainer(model=model, args=args, train_dataset=token_data(STEPS * GAS * 2 * world))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    saves: list[bool] = []  # per state_dict() of the model (every save): is the base clean right then?
     if mode == "single":
-        from peft import get_peft_model_state_dict
+        from transformers import TrainerCallback
+
+        class SaveMidWindow(TrainerCallback):
+            """Asks for a save in the middle of step 0's window (the Trainer saves at the step's end)."""
+
+            def on_substep_end(self, args, state, control, **kwargs):
+                if state.global_step == 0:
+                    control.should_save = True
 
         def snap(module, a) -> None:  # LoRA after 2 updates: at the first forward of step 2
             if probe.micro == 2 * GAS + 1:
-                snapshots[2] = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+                snapshots[2] = {n.replace(".default", ""): p.detach().clone()
+                                for n, p in model.named_parameters() if "lora_" in n}  # fmt: skip
 
+        target = next(m for n, m in model.named_modules() if n.endswith(TARGETS[0]))
         model.register_forward_pre_hook(snap)
+        model.register_state_dict_pre_hook(lambda m, prefix, keep: saves.append(digest(target.weight) == digest(clean[TARGETS[0]])))
+        trainer.add_callback(SaveMidWindow())
     ns: dict[str, Any] = {}
     exec(define, ns)
     flat = ns["train_flat"](trainer, flat_config())
@@ -268,6 +280,8 @@ def run_guarded(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         rec["checkpoint2_equals_lora"] = saved.keys() == snapshots[2].keys() and all(
             torch.equal(saved[k], snapshots[2][k]) for k in saved
         )
+        rec["checkpoints"] = sorted(p.name for p in (out / "guarded").glob("checkpoint-*"))
+        rec["saves_saw_clean_base"] = saves
         inner = trainer.optimizer.optimizer
         rec["adam_steps"] = sorted({int(s["step"]) for s in inner.state.values()})
         rec["scheduler_epoch"] = trainer.lr_scheduler.state_dict()["last_epoch"]
