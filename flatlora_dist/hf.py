@@ -27,15 +27,22 @@ with gradient accumulation and gradient checkpointing:
   ``state_dict`` from before the step and the param groups' learning rates), so a skipped step advances
   neither optimizer nor scheduler, as DeepSpeed's and AMP's own overflow skips do.  Steps skipped by
   DeepSpeed (non-finite gradient norm) or by the AMP grad scaler never reach the pre-hook; they are
-  recognised from accelerate's public ``optimizer.step_was_skipped``.  Every skipped step (1-based, the
+  recognised from accelerate's public ``optimizer.step_was_skipped`` (their noise stays in until
+  ``on_step_end``: nothing is updated in between).  Every skipped step (1-based, the
   ``checkpoint-N`` numbering) is listed in ``skipped_steps`` and logged as a warning.  The step still
   counts: ``global_step``, the noise schedule and the data order go on.
 
 Not covered: a Trainer whose optimizer is not a ``torch.optim.Optimizer`` underneath (one clear error at
 ``on_train_begin``); saves made by your own code inside a step of a full/merged model (use
 ``clean_base``); an exception out of ``train()`` mid-window leaves the noise in the weights (call
-``callback.restore()`` before using the model).  ``sigma == 0`` creates no engine (plain LoRA) and
-keeps the non-finite skipping.
+``callback.restore()`` before using the model); a non-finite loss whose gradients are finite is not
+skipped (the check is on what the update would apply).  ``sigma == 0`` creates no engine (plain LoRA)
+and keeps the non-finite skipping.
+
+Tested (``tests/test_user_trainers.py``, a user's script running the README's blocks): ``Trainer`` and
+``SFTTrainer`` single-process and 2-rank ZeRO-3, ``Trainer`` under FSDP2 via ``accelerate launch``;
+the app's tests cover FSDP1/HSDP and resumes.  ZeRO-2 was run by hand with the same worker
+(``mode="zero2"``); DDP is untested here.
 """
 
 from __future__ import annotations
