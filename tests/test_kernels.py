@@ -287,12 +287,16 @@ def test_functional_noisy_weight_is_one_kernel():
 
 @pytest.mark.slow  # interpreter-heavy: the full suite
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype):
-    """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme: the same check as
-    ``test_qlora`` — gradients equal a dense layer holding dequant(W) + the fused noise."""
+@pytest.mark.parametrize(("quant_type", "double_quant", "storage", "bias"),
+                         [("nf4", True, torch.uint8, True), ("fp4", False, torch.bfloat16, False)])
+def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype, quant_type, double_quant,
+                                                                     storage, bias):
+    """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme (``noisy_4bit``: dequant + noise
+    in one kernel): the same check as ``test_qlora`` — gradients equal a dense layer holding
+    dequant(W) + the fused noise."""
     from test_qlora import test_gradients_equal_dense_layer_with_same_noise as check
 
-    check("nf4", True, compute_dtype, torch.uint8, True)
+    check(quant_type, double_quant, compute_dtype, storage, bias)
 
 
 def test_nonfinite_norm_is_read_with_the_counts_and_skips(monkeypatch):

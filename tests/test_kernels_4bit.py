@@ -157,3 +157,18 @@ def test_formats_without_the_fused_dequant_keep_two_steps():
     assert c.ops.get("flatlora::noisy") == 1 and "flatlora::noisy_4bit" not in c.ops
     assert torch.equal(got, load_ops().noisy(backend.dense_weight(t), key.std, t.layout.cols, key.seed64, 0))
     flat.restore()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bench_qlora_layer_call_is_one_launch_per_target_at_two_sizes(dtype, monkeypatch):
+    """``bench/launches.py --qlora``'s count: one launch per target, no host sync, the same at two sizes."""
+    from launches import qlora_count
+
+    from flatlora_dist import noise
+
+    monkeypatch.setattr(noise, "CPU_DRAW_THREADS", noise.CPU_DRAW_THREADS)  # qlora_count sets it to 0
+
+    small, large = qlora_count("fused", 128, dtype), qlora_count("fused", 64, dtype)
+    for res in (small, large):
+        assert res["ops"] == {"flatlora::noisy_4bit": 7}, res["ops"]
+        assert (res["launches_per_layer_call"], res["host_syncs_per_layer_call"]) == (7, 0)
