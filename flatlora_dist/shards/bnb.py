@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -180,7 +180,7 @@ class Packed4bit:
     nested: Nested | None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """bitsandbytes' 16-value nf4/fp4 table on ``device`` (built once per device: no copy per call)."""
     from bitsandbytes.functional import get_4bit_type
