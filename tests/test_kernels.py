@@ -383,9 +383,52 @@ def test_fsdp2_ranks_equal_single_process(monkeypatch, world):
     case = dict(name="fsdp2", kind="fsdp2", checks=["perturbation", "cycles"], cycles=2)
     res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
     for r in res:
-        assert r["backends"] == "fsdp2"
+        assert r["backends"] == "fsdp2" and r["scheme"] == "fused"
         for phase in ("cold", "warm"):
             assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
             assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
             assert r[f"{phase}.loss_perturbed"] == pytest.approx(r[f"{phase}.ref_loss_perturbed"], abs=1e-6)
         assert r["cycles.bitwise"] and r["cycles.fixups"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp1_ranks_equal_single_process(monkeypatch):
+    """2-rank FSDP1 (flat parameters, ``use_orig_params=True``) with the fused scheme: same checks as
+    ``test_fsdp``'s w2 case; each rank's regions are views into its slice of the flat parameter."""
+    _dist_env(monkeypatch)
+    from fsdp_common import launch
+
+    case = dict(name="fsdp1", kind="fsdp1", checks=["perturbation", "cycles"], cycles=2)
+    res = [r["fsdp1"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 2, {"cases": [case]})]
+    for r in res:
+        assert r["backends"] == "fsdp1" and r["scheme"] == "fused"
+        for phase in ("cold", "warm"):
+            assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
+            assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
+            assert r[f"{phase}.loss_perturbed"] == pytest.approx(r[f"{phase}.ref_loss_perturbed"], abs=1e-6)
+        assert r["cycles.bitwise"] and r["cycles.fixups"] > 0
+
+
+@pytest.mark.slow
+def test_hsdp_ranks_equal_single_process(monkeypatch):
+    """4 ranks = 2 replicas x 2 shards (FSDP2 on a 2-D mesh, FSDP1 HYBRID_SHARD) with the fused scheme:
+    equal to the single process, replicas bitwise identical, norms reduced over the 2-rank shard group."""
+    _dist_env(monkeypatch)
+    from fsdp_common import launch
+
+    cases = [dict(name="fsdp2", kind="fsdp2", replicas=2, checks=["perturbation", "cycles"], cycles=2),
+             dict(name="fsdp1", kind="fsdp1", replicas=2, checks=["perturbation"])]
+    out = launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 4, {"cases": cases})
+    for name in ("fsdp2", "fsdp1"):
+        res = [r[name] for r in out]
+        for r in res:
+            assert r["backends"] == name and r["scheme"] == "fused" and r["reduce_group_size"] == 2
+            for phase in ("cold", "warm"):
+                assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
+                assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
+        for phase in ("cold", "warm"):
+            for k in (0, 1):  # rank k and rank 2 + k hold the same shard: bitwise the same perturbation
+                assert res[k][f"{phase}.local_sha"] == res[2 + k][f"{phase}.local_sha"]
+            assert res[0][f"{phase}.local_starts"] != res[1][f"{phase}.local_starts"]
+            assert len({str(r[f"{phase}.full_sha"]) for r in res}) == 1
+    assert all(r["fsdp2"]["cycles.bitwise"] for r in out)
