@@ -19,9 +19,10 @@ What is counted (``OpCounter``, a ``TorchDispatchMode``):
   device, or ``_to_copy`` with an explicit ``device=cpu``, which is how the engine reads back on any
   device).
 * ``--qlora``: instead, the same seven targets as bitsandbytes nf4 ``Linear4bit`` layers (double
-  quantization, ``--dtype`` = compute dtype), and what one *layer call* costs in functional mode:
-  building every target's ``round(dequant(W) + e)`` once (a forward does it once, its backward
-  once more).
+  quantization, ``--dtype`` = compute dtype), counted twice: one perturb + ``stats()`` + restore
+  (``launches_per_layer`` / ``host_syncs_per_layer``: the per-step part, row norms of the dequantized
+  weights included) and one functional *layer call* (``launches_per_layer_call``: building every
+  target's ``round(dequant(W) + e)`` once; a forward does it once, its backward once more).
 * every thread: a dispatch mode is thread-local, so the blocks scheme's CPU draw workers are switched
   off for the count (``noise.CPU_DRAW_THREADS = 0``): the same draws then run, and are counted, in
   the main thread.  The fused scheme starts no threads.
@@ -169,15 +170,24 @@ def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype) -> dict:
     base = _Targets4bit(shapes, compute_dtype).to("cpu")  # quantizes
     model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(shapes)))
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=1))
+    flat.perturb(0)  # warm-up: compilation, lazy imports
+    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    functional.noisy_weight(*calls[0], compute_dtype)
+    flat.restore()
+    with OpCounter() as step:
+        flat.perturb(1)
+        flat.stats()
+        flat.restore()
     flat.perturb(1)
     calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
-    for b, t, k in calls[:1]:
-        functional.noisy_weight(b, t, k, compute_dtype)  # warm-up: compilation, lazy imports
     with OpCounter() as c:
         for b, t, k in calls:
             functional.noisy_weight(b, t, k, compute_dtype)
     flat.restore()
     return {
+        "launches_per_layer": step.launches,
+        "host_syncs_per_layer": step.syncs,
+        "step_ops": dict(step.ops.most_common()),
         "launches_per_layer_call": c.launches,
         "host_syncs_per_layer_call": c.syncs,
         "targets": len(calls),
@@ -208,7 +218,7 @@ def main() -> None:
         scale = args.fused_scale if scheme == "fused" else args.blocks_scale
         res = qlora_count(scheme, scale, dtype) if args.qlora else count(scheme, scale, dtype, args.device)
         if not args.details:
-            res = {k: v for k, v in res.items() if k not in ("ops", "phases")}
+            res = {k: v for k, v in res.items() if k not in ("ops", "phases", "step_ops")}
         out[scheme] = res
     print(json.dumps(out, indent=None if args.json else 2))
 

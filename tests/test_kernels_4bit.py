@@ -160,8 +160,10 @@ def test_formats_without_the_fused_dequant_keep_two_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bench_qlora_layer_call_is_one_launch_per_target_at_two_sizes(dtype, monkeypatch):
-    """``bench/launches.py --qlora``'s count: one launch per target, no host sync, the same at two sizes."""
+def test_bench_qlora_counts_do_not_grow_with_size(dtype, monkeypatch):
+    """``bench/launches.py --qlora``: a layer call is one launch per target and no host sync; a step
+    (perturb + stats() + restore) is the same count at two sizes, one ``noisy_4bit`` (the norms'
+    dequantization) and one ``row_sumsq`` per target, one host sync, no bitsandbytes op."""
     from launches import qlora_count
 
     from flatlora_dist import noise
@@ -172,3 +174,34 @@ def test_bench_qlora_layer_call_is_one_launch_per_target_at_two_sizes(dtype, mon
     for res in (small, large):
         assert res["ops"] == {"flatlora::noisy_4bit": 7}, res["ops"]
         assert (res["launches_per_layer_call"], res["host_syncs_per_layer_call"]) == (7, 0)
+        step = res["step_ops"]
+        assert step["flatlora::noisy_4bit"] == 7 and step["flatlora::row_sumsq"] == 7, step
+        assert not [k for k in step if k.startswith("bitsandbytes::")], step
+    assert (small["launches_per_layer"], small["host_syncs_per_layer"]) == (
+        large["launches_per_layer"], large["host_syncs_per_layer"])
+    assert large["launches_per_layer"] <= 16 * 7 and large["host_syncs_per_layer"] == 1
+
+
+def test_norm_spans_are_one_kernel_equal_to_the_chunks_and_the_step_count_is_size_free():
+    """Under the fused scheme a 4-bit weight's row-norm input is one ``noisy_4bit`` span, bit-equal to
+    the chunked bitsandbytes dequantization (3 chunks here), and a step's launches do not depend on how
+    many ``NORM_CHUNK``s the weight has."""
+    from flatlora_dist.shards.base import NORM_CHUNK
+
+    counts = []
+    for n_in, n_out in ((256, 48), (1024, 600)):
+        model = qlora_layer(n_in, n_out, "nf4", True, torch.bfloat16, torch.uint8)
+        flat, t, backend = _target(model)
+        chunks = list(backend.norm_chunks(t))
+        spans = backend.norm_spans(t)
+        assert len(spans) == 1 and spans[0][0] == 0 and spans[0][1].dtype == torch.bfloat16
+        assert torch.equal(spans[0][1].float(), torch.cat([v for _, v in chunks]))
+        flat.perturb(0)
+        flat.restore()
+        with OpCounter() as c:
+            flat.perturb(1)
+            flat.stats()
+            flat.restore()
+        counts.append((c.launches, c.syncs, len(chunks)))
+    assert counts[1][2] == -(-1024 * 600 // NORM_CHUNK) == 3 and counts[0][2] == 1
+    assert counts[0][:2] == counts[1][:2] and counts[0][1] == 1, counts

@@ -31,6 +31,7 @@ from functools import cache
 
 import torch
 
+from ..kernels import load_ops
 from ..targets import LoraTarget
 from .base import NORM_CHUNK, Region, ShardBackend
 
@@ -292,9 +293,16 @@ class BnbBackend(ShardBackend):
         for r0, r1 in row_chunks(target):
             yield r0 * n, dequantize_rows(target, r0, r1).to(cd).float().reshape(-1)
 
+    @torch.no_grad()
     def norm_spans(self, target: LoraTarget) -> list[tuple[int, torch.Tensor]]:
-        """The dequantized chunks (no dense copy of the whole weight exists outside a forward)."""
-        return list(self.norm_chunks(target))
+        """The fused scheme's spans (the engine asks for these only under it): a 4-bit weight whole, from
+        one ``noisy_4bit`` kernel without noise — the values of ``norm_chunks`` in the compute dtype, one
+        transient weight-sized buffer (what every forward of the layer holds too), one launch instead of
+        ~4 per ``NORM_CHUNK``; the other formats as their dequantized chunks."""
+        packed = packed_4bit(target)
+        if packed is None:
+            return list(self.norm_chunks(target))
+        return [(0, load_ops().noisy_4bit(packed, None, target.layout.cols, 0))]
 
     @torch.no_grad()
     def dense_weight(self, target: LoraTarget) -> torch.Tensor:
