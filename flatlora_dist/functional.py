@@ -36,10 +36,9 @@ def noisy_weight(backend: ShardBackend, target: LoraTarget, key: NoiseKey, dtype
     """
     layout = target.layout
     packed = packed_4bit(target) if key.fused and target.quantized else None
-    if packed is not None:
-        std = key.std.to(packed.data.device)
-        out = load_ops().noisy_4bit(packed, std, layout.cols, key.seed64, layout.out_axis).to(dtype)
-        return out.view(layout.rows, layout.cols)  # bitsandbytes layers are (out, in): out_axis 0
+    if packed is not None:  # bitsandbytes weights are (out, in) row-major (BnbBackend.check: out_axis 0)
+        out = load_ops().noisy_4bit(packed, key.std.to(packed.data.device), layout.cols, key.seed64)
+        return out.to(dtype).view(layout.rows, layout.cols)
     w = backend.dense_weight(target)
     store = w.dtype if w.is_floating_point() else torch.float32
     if key.fused:

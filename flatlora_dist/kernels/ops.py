@@ -123,12 +123,12 @@ def _noisy_op(w: torch.Tensor, std: torch.Tensor, cols: int, seed: int, out_axis
 def _noisy_4bit_op(
     data: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code: torch.Tensor, code2: torch.Tensor,
     offset: torch.Tensor, std: torch.Tensor, n: int, cols: int, seed: int, blocksize: int, blocksize2: int,
-    nested: bool, qkind: int, kind_: int, noise_: bool, out_axis: int,
+    nested: bool, qkind: int, kind_: int, noise_: bool,
 ) -> torch.Tensor:
     out = torch.empty(n, dtype=_KIND_BITS[kind_], device=data.device)
     wrap_triton(K.noisy_4bit_kernel)[(programs(n),)](
         data, absmax, absmax2, code, code2, offset, std, out, n, cols, seed, blocksize, blocksize2,
-        NESTED=nested, QKIND=qkind, KIND=kind_, NOISE=noise_, OUT_AXIS=out_axis, BLOCK=BLOCK, **_LAUNCH,
+        NESTED=nested, QKIND=qkind, KIND=kind_, NOISE=noise_, BLOCK=BLOCK, **_LAUNCH,
     )
     return out
 
@@ -199,16 +199,18 @@ def noisy(w: torch.Tensor, std: torch.Tensor, cols: int, seed: int, out_axis: in
     return out.view(w.dtype).view(w.shape)
 
 
-def noisy_4bit(p: Packed4bit, std: torch.Tensor | None, cols: int, seed: int, out_axis: int = 0) -> torch.Tensor:
-    """``round(dequant(W) + e)`` for a whole bitsandbytes 4-bit weight in one kernel, flat, in
-    ``p.out_dtype``; ``std=None``: no noise (bitsandbytes' dequantize cast to ``p.out_dtype``, bit for bit)."""
+def noisy_4bit(p: Packed4bit, std: torch.Tensor | None, cols: int, seed: int) -> torch.Tensor:
+    """``round(dequant(W) + e)`` for a whole bitsandbytes 4-bit ``(out, in)`` weight in one kernel, flat, in
+    ``p.out_dtype`` (``std``: per output row); ``std=None``: no noise (bitsandbytes' dequantize cast to
+    ``p.out_dtype``, bit for bit)."""
     _check_device(p.data)
     nest = p.nested
+    unused = p.code  # any tensor: the kernel does not read the pointers its constexpr flags switch off
     absmax2, code2, offset, bs2 = (nest.absmax, nest.code, nest.offset, nest.blocksize) if nest else (
-        p.absmax, p.code, p.code, 1)
+        unused, unused, unused, 1)
     out = torch.ops.flatlora.noisy_4bit(
-        p.data, p.absmax, absmax2, p.code, code2, offset, p.code if std is None else std, p.numel, cols, seed,
-        p.blocksize, bs2, nest is not None, kind(p.quant_dtype), kind(p.out_dtype), std is not None, out_axis,
+        p.data, p.absmax, absmax2, p.code, code2, offset, unused if std is None else std, p.numel, cols, seed,
+        p.blocksize, bs2, nest is not None, kind(p.quant_dtype), kind(p.out_dtype), std is not None,
     )
     return out.view(p.out_dtype)
 

@@ -255,16 +255,17 @@ def _dequant_4bit(k, m, data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, 
 def noisy_4bit_kernel(
     data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, std_ptr, out_ptr, n, cols, seed,
     blocksize, blocksize2, NESTED: tl.constexpr, QKIND: tl.constexpr, KIND: tl.constexpr,
-    NOISE: tl.constexpr, OUT_AXIS: tl.constexpr, BLOCK: tl.constexpr,
+    NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Functional QLoRA: ``out = round(w + e)`` with ``w`` = the 4-bit weight dequantized to ``QKIND``
     and cast to ``KIND`` (the layer's compute dtype), in one pass over the packed bytes; without
-    ``NOISE``, ``out = w`` (bitsandbytes' dequantize followed by ``.to(compute dtype)``)."""
+    ``NOISE``, ``out = w`` (bitsandbytes' dequantize followed by ``.to(compute dtype)``).  The weight is
+    ``(out, in)`` row-major, so the row of ``k`` is ``k // cols``."""
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = k < n
     w = _dequant_4bit(k, m, data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, blocksize,
                       blocksize2, NESTED, QKIND)
     w = _to_f32(_round_bits(w, KIND), KIND)
     if NOISE:
-        w = w + _noise(k, seed, std_ptr, cols, m, OUT_AXIS)
+        w = w + _noise(k, seed, std_ptr, cols, m, 0)
     tl.store(out_ptr + k, _round_bits(w, KIND), mask=m)
