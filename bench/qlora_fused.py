@@ -23,32 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_layer import median_ms  # noqa: E402
 from launches import LLAMA7B, RANK, _Targets4bit  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device: torch.device, reps: int) -> float:
-    fn()  # warm-up (compilation, allocator)
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -90,9 +72,9 @@ def main() -> None:
     res = {"device": str(device), "dtype": args.dtype, "scale": args.scale,
            "elements": sum(t.layout.numel for t in flat.targets),
            "packed_bytes": sum(t.weight.data.numel() * t.weight.data.element_size() for t in flat.targets)}
-    res["dequant_ms"] = _median_ms(dequant, device, args.reps)
-    res["two_step_ms"] = _median_ms(two_step, device, args.reps)
-    res["fused_ms"] = _median_ms(fused, device, args.reps)
+    res["dequant_ms"] = median_ms(dequant, device, args.reps)
+    res["two_step_ms"] = median_ms(two_step, device, args.reps)
+    res["fused_ms"] = median_ms(fused, device, args.reps)
     res["fused_vs_dequant"] = res["fused_ms"] / res["dequant_ms"]
     res["two_step_vs_dequant"] = res["two_step_ms"] / res["dequant_ms"]
     res["fused_equals_two_step"] = same

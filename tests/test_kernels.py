@@ -374,34 +374,17 @@ def test_zero3_ranks_equal_single_process(monkeypatch, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_ranks_equal_single_process(monkeypatch, world):
-    """2- and 3-rank FSDP2 row shards (uneven at 3) with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
+@pytest.mark.parametrize(("kind", "world"), [("fsdp2", 2), ("fsdp2", 3), ("fsdp1", 2)])
+def test_fsdp_ranks_equal_single_process(monkeypatch, kind, world):
+    """2- and 3-rank FSDP2 row shards (uneven at 3) and 2-rank FSDP1 flat parameters (``use_orig_params``)
+    with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
     _dist_env(monkeypatch)
     from fsdp_common import launch
 
-    case = dict(name="fsdp2", kind="fsdp2", checks=["perturbation", "cycles"], cycles=2)
-    res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
+    case = dict(name=kind, kind=kind, checks=["perturbation", "cycles"], cycles=2)
+    res = [r[kind] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
     for r in res:
-        assert r["backends"] == "fsdp2" and r["scheme"] == "fused"
-        for phase in ("cold", "warm"):
-            assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
-            assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
-            assert r[f"{phase}.loss_perturbed"] == pytest.approx(r[f"{phase}.ref_loss_perturbed"], abs=1e-6)
-        assert r["cycles.bitwise"] and r["cycles.fixups"] > 0
-
-
-@pytest.mark.slow
-def test_fsdp1_ranks_equal_single_process(monkeypatch):
-    """2-rank FSDP1 (flat parameters, ``use_orig_params=True``) with the fused scheme: same checks as
-    ``test_fsdp``'s w2 case; each rank's regions are views into its slice of the flat parameter."""
-    _dist_env(monkeypatch)
-    from fsdp_common import launch
-
-    case = dict(name="fsdp1", kind="fsdp1", checks=["perturbation", "cycles"], cycles=2)
-    res = [r["fsdp1"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 2, {"cases": [case]})]
-    for r in res:
-        assert r["backends"] == "fsdp1" and r["scheme"] == "fused"
+        assert r["backends"] == kind and r["scheme"] == "fused"
         for phase in ("cold", "warm"):
             assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
             assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
