@@ -11,7 +11,9 @@
 #   7. bench/fused_layer.py: one LLaMA-7B layer's perturb+restore (fused scheme) vs a copy_ of the same
 #      bytes (bandwidth floor), and the Flat/LoRA step ratio at 7B layer shapes -> $OUT/fused_layer.json
 #   8. bench/launches.py: launches and host syncs of one 7B layer, fused and blocks -> $OUT/launches.json
-#   9. bench/qlora_fused.py: QLoRA's noisy weight for one 7B layer (nf4): the one-kernel noisy_4bit vs
+#   9. bench/launches.py --qlora: the same layer as nf4 4-bit targets, a step and a layer call
+#                                                                            -> $OUT/launches_qlora.json
+#  10. bench/qlora_fused.py: QLoRA's noisy weight for one 7B layer (nf4): the one-kernel noisy_4bit vs
 #      bitsandbytes' dequantize alone and vs dequantize + noisy               -> $OUT/qlora_fused.json
 #   $OUT/summary.json lists every step with its exit code and seconds; each step's output is in
 #   $OUT/<step>.log.  Steps run under `timeout` within a global 570 s deadline; a failing step does
@@ -112,6 +114,9 @@ run_step fused_layer 120 env "${LAYER_ENV[@]}" "$PY" bench/fused_layer.py --devi
   --json "$OUT/fused_layer.json"
 
 run_step launches 120 bash -c '"$0" bench/launches.py --json --device "$1" "${@:2}" > "$OUT/launches.json"' \
+  "$PY" "$DEVICE" "${LAUNCH_ARGS[@]}"
+
+run_step launches_qlora 120 bash -c '"$0" bench/launches.py --qlora --json --device "$1" "${@:2}" > "$OUT/launches_qlora.json"' \
   "$PY" "$DEVICE" "${LAUNCH_ARGS[@]}"
 
 run_step qlora_fused 90 "$PY" bench/qlora_fused.py --device "$DEVICE" --dtype bfloat16 "${QFUSED_ARGS[@]}" \

@@ -157,7 +157,7 @@ class _Targets4bit(torch.nn.Module):
             self.add_module(name, lin)
 
 
-def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype) -> dict:
+def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype, device: str = "cpu") -> dict:
     """Launches and syncs of building the seven targets' noisy weights once (one functional layer call)."""
     from peft import LoraConfig, get_peft_model
 
@@ -167,7 +167,7 @@ def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype) -> dict:
     noise.CPU_DRAW_THREADS = 0
     torch.manual_seed(0)
     shapes = {k: (o // scale, i // scale) for k, (o, i) in LLAMA7B.items()}
-    base = _Targets4bit(shapes, compute_dtype).to("cpu")  # quantizes
+    base = _Targets4bit(shapes, compute_dtype).to(device)  # quantizes
     model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(shapes)))
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=1))
     flat.perturb(0)  # warm-up: compilation, lazy imports
@@ -195,6 +195,7 @@ def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype) -> dict:
         "elements": sum(t.layout.numel for t in flat.targets),
         "scale": scale,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": device,
         "ops": dict(c.ops.most_common()),
     }
 
@@ -216,7 +217,7 @@ def main() -> None:
     out = {}
     for scheme in (["fused", "blocks"] if args.scheme == "both" else [args.scheme]):
         scale = args.fused_scale if scheme == "fused" else args.blocks_scale
-        res = qlora_count(scheme, scale, dtype) if args.qlora else count(scheme, scale, dtype, args.device)
+        res = (qlora_count if args.qlora else count)(scheme, scale, dtype, args.device)
         if not args.details:
             res = {k: v for k, v in res.items() if k not in ("ops", "phases", "step_ops")}
         out[scheme] = res
