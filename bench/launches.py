@@ -144,6 +144,8 @@ def count(scheme: str, scale: int, dtype: torch.dtype, device: str = "cpu") -> d
 
 
 class _Targets4bit(torch.nn.Module):
+    """The seven projections as bitsandbytes nf4 ``Linear4bit`` (double quantization), quantized on ``.to``."""
+
     def __init__(self, shapes: dict[str, tuple[int, int]], compute_dtype: torch.dtype) -> None:
         import bitsandbytes as bnb
 
@@ -158,7 +160,8 @@ class _Targets4bit(torch.nn.Module):
 
 
 def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype, device: str = "cpu") -> dict:
-    """Launches and syncs of building the seven targets' noisy weights once (one functional layer call)."""
+    """Launches and syncs of one QLoRA step (perturb + stats() + restore: the row norms) and of one
+    functional layer call (building the seven targets' noisy weights once), ``scheme`` forced."""
     from peft import LoraConfig, get_peft_model
 
     from flatlora_dist import FlatLoRA, FlatLoRAConfig, functional, noise
@@ -209,7 +212,7 @@ def main() -> None:
     ap.add_argument("--blocks-scale", type=int, default=1, help="divide the 7B shapes by this for the blocks count")
     ap.add_argument("--details", action="store_true", help="include per-phase counts and ops by name")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--qlora", action="store_true", help="count one functional layer call of nf4 4-bit targets")
+    ap.add_argument("--qlora", action="store_true", help="nf4 4-bit targets: count a step and one functional layer call")
     args = ap.parse_args()
     if args.scheme != "blocks" and args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the fused kernels run in the interpreter
