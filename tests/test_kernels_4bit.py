@@ -106,6 +106,7 @@ def test_fused_dequant_at_widths_off_the_block_size(n_out, n_in, blocksize):
         ("nf4", False, torch.float32, torch.bfloat16, torch.uint8),
         ("fp4", True, torch.bfloat16, torch.float32, torch.uint8),
         ("nf4", True, torch.float16, torch.float16, torch.uint8),
+        ("nf4", True, torch.bfloat16, torch.bfloat16, torch.float32),  # any quant_storage: read as bytes
     ],
 )
 def test_fused_4bit_noisy_weight_is_one_op_equal_to_two_steps(quant_type, double_quant, weight_dtype,
