@@ -34,19 +34,20 @@ from launches import layer_model  # noqa: E402
 from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: torch.device, reps: int) -> float:
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall time of ``fn`` over ``reps`` calls after one warm-up, device-synchronised, in ms."""
     fn()  # warm-up (compilation, allocator)
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
@@ -88,8 +89,8 @@ def main() -> None:
 
     res = {"device": str(device), "dtype": args.dtype, "scale": args.scale, "scheme": flat.scheme,
            "weight_bytes": sum(w.numel() * w.element_size() for w in weights)}
-    res["perturb_restore_ms"] = _median_ms(perturb_restore, device, args.reps)
-    res["copy_ms"] = _median_ms(copy, device, args.reps)
+    res["perturb_restore_ms"] = median_ms(perturb_restore, device, args.reps)
+    res["copy_ms"] = median_ms(copy, device, args.reps)
     res["ratio_vs_copy"] = res["perturb_restore_ms"] / res["copy_ms"]
     res["bitwise_restored"] = all(torch.equal(w, c) for w, c in zip(weights, clean))
     res["fixups"] = flat.stats()["fixups"]
@@ -108,8 +109,8 @@ def main() -> None:
 
     lora, flat_t = [], []
     for _ in range(args.reps):  # interleaved, so drift in clocks hits both arms
-        lora.append(_median_ms(lora_step, device, 1))
-        flat_t.append(_median_ms(flat_step, device, 1))
+        lora.append(median_ms(lora_step, device, 1))
+        flat_t.append(median_ms(flat_step, device, 1))
     res["lora_step_ms"], res["flat_step_ms"] = statistics.median(lora), statistics.median(flat_t)
     res["step_ratio"] = res["flat_step_ms"] / res["lora_step_ms"]
     res["bitwise_restored_after_steps"] = all(torch.equal(w, c) for w, c in zip(weights, clean))

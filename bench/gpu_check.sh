@@ -11,6 +11,10 @@
 #   7. bench/fused_layer.py: one LLaMA-7B layer's perturb+restore (fused scheme) vs a copy_ of the same
 #      bytes (bandwidth floor), and the Flat/LoRA step ratio at 7B layer shapes -> $OUT/fused_layer.json
 #   8. bench/launches.py: launches and host syncs of one 7B layer, fused and blocks -> $OUT/launches.json
+#   9. bench/launches.py --qlora: the same layer as nf4 4-bit targets, a step and a layer call
+#                                                                            -> $OUT/launches_qlora.json
+#  10. bench/qlora_fused.py: QLoRA's noisy weight for one 7B layer (nf4): the one-kernel noisy_4bit vs
+#      bitsandbytes' dequantize alone and vs dequantize + noisy               -> $OUT/qlora_fused.json
 #   $OUT/summary.json lists every step with its exit code and seconds; each step's output is in
 #   $OUT/<step>.log.  Steps run under `timeout` within a global 570 s deadline; a failing step does
 #   not stop the others; the script exits 1 if any step failed.
@@ -52,6 +56,7 @@ if [[ "$DEVICE" == cpu ]]; then
   OVERHEAD_ARGS=(--quick --no-dist)
   LAYER_ARGS=(--scale 32 --tokens 64 --reps 2 --dtype float32)
   LAUNCH_ARGS=(--fused-scale 64 --blocks-scale 16)
+  QFUSED_ARGS=(--scale 32 --reps 2)
   LAYER_ENV=(FLATLORA_KERNELS=fused TRITON_INTERPRET=1)  # the fused kernels in the Triton interpreter
 else
   SHAPE=4096x11008; DTYPE=bfloat16; QDTYPE=bf16
@@ -60,6 +65,7 @@ else
   OVERHEAD_ARGS=(--no-dist --rounds 5)
   LAYER_ARGS=(--scale 1 --tokens 4096 --reps 5 --dtype bfloat16)
   LAUNCH_ARGS=(--fused-scale 1 --blocks-scale 1 --dtype bfloat16)
+  QFUSED_ARGS=(--scale 1 --reps 20)
   LAYER_ENV=(FLATLORA_KERNELS=fused)
 fi
 export SHAPE DTYPE
@@ -109,6 +115,12 @@ run_step fused_layer 120 env "${LAYER_ENV[@]}" "$PY" bench/fused_layer.py --devi
 
 run_step launches 120 bash -c '"$0" bench/launches.py --json --device "$1" "${@:2}" > "$OUT/launches.json"' \
   "$PY" "$DEVICE" "${LAUNCH_ARGS[@]}"
+
+run_step launches_qlora 120 bash -c '"$0" bench/launches.py --qlora --json --device "$1" "${@:2}" > "$OUT/launches_qlora.json"' \
+  "$PY" "$DEVICE" "${LAUNCH_ARGS[@]}"
+
+run_step qlora_fused 90 "$PY" bench/qlora_fused.py --device "$DEVICE" --dtype bfloat16 "${QFUSED_ARGS[@]}" \
+  --json "$OUT/qlora_fused.json"
 
 run_step qlora_overhead 150 "$PY" bench/qlora_overhead.py --device "$DEVICE" "${QLORA_ARGS[@]}"
 

@@ -1,7 +1,7 @@
 """Kernel launches and host syncs of one perturb + stats() + restore, counted from dispatched ops.
 
     .venv/bin/python bench/launches.py --json [--scheme fused|blocks|both] [--dtype float32|bfloat16]
-        [--fused-scale 16] [--blocks-scale 1] [--device cpu|cuda] [--details]
+        [--fused-scale 16] [--blocks-scale 1] [--device cpu|cuda] [--details] [--qlora]
 
 One LLaMA-7B decoder layer's LoRA targets (q, k, v, o 4096x4096; gate, up 11008x4096; down
 4096x11008; r = 16), single process, CPU tensors.  ``scale`` divides every dimension (the fused count
@@ -18,6 +18,11 @@ What is counted (``OpCounter``, a ``TorchDispatchMode``):
   ``repeat_interleave``), and copies to the CPU (``_to_copy``/``copy_`` to a CPU tensor from another
   device, or ``_to_copy`` with an explicit ``device=cpu``, which is how the engine reads back on any
   device).
+* ``--qlora``: instead, the same seven targets as bitsandbytes nf4 ``Linear4bit`` layers (double
+  quantization, ``--dtype`` = compute dtype), counted twice: one perturb + ``stats()`` + restore
+  (``launches_per_layer`` / ``host_syncs_per_layer``: the per-step part, row norms of the dequantized
+  weights included) and one functional *layer call* (``launches_per_layer_call``: building every
+  target's ``round(dequant(W) + e)`` once; a forward does it once, its backward once more).
 * every thread: a dispatch mode is thread-local, so the blocks scheme's CPU draw workers are switched
   off for the count (``noise.CPU_DRAW_THREADS = 0``): the same draws then run, and are counted, in
   the main thread.  The fused scheme starts no threads.
@@ -138,6 +143,66 @@ def count(scheme: str, scale: int, dtype: torch.dtype, device: str = "cpu") -> d
     }
 
 
+class _Targets4bit(torch.nn.Module):
+    """The seven projections as bitsandbytes nf4 ``Linear4bit`` (double quantization), quantized on ``.to``."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], compute_dtype: torch.dtype) -> None:
+        import bitsandbytes as bnb
+
+        super().__init__()
+        for name, (o, i) in shapes.items():
+            lin = bnb.nn.Linear4bit(i, o, bias=False, compute_dtype=compute_dtype, quant_type="nf4",
+                                    compress_statistics=True)
+            w = (torch.randn(o, i) * 0.02).to(compute_dtype)  # quantized from the compute dtype, as QLoRA loads
+            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True)
+            self.add_module(name, lin)
+
+
+def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Launches and syncs of one QLoRA step (perturb + stats() + restore: the row norms) and of one
+    functional layer call (building the seven targets' noisy weights once), ``scheme`` forced."""
+    from peft import LoraConfig, get_peft_model
+
+    from flatlora_dist import FlatLoRA, FlatLoRAConfig, functional, noise
+
+    os.environ["FLATLORA_KERNELS"] = scheme
+    noise.CPU_DRAW_THREADS = 0
+    torch.manual_seed(0)
+    shapes = {k: (o // scale, i // scale) for k, (o, i) in LLAMA7B.items()}
+    base = _Targets4bit(shapes, compute_dtype).to(device)  # quantizes
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(shapes)))
+    flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=1))
+    flat.perturb(0)  # warm-up: compilation, lazy imports
+    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    functional.noisy_weight(*calls[0], compute_dtype)
+    flat.restore()
+    with OpCounter() as step:
+        flat.perturb(1)
+        flat.stats()
+        flat.restore()
+    flat.perturb(1)
+    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    with OpCounter() as c:
+        for b, t, k in calls:
+            functional.noisy_weight(b, t, k, compute_dtype)
+    flat.restore()
+    return {
+        "launches_per_layer": step.launches,
+        "host_syncs_per_layer": step.syncs,
+        "step_ops": dict(step.ops.most_common()),
+        "launches_per_layer_call": c.launches,
+        "host_syncs_per_layer_call": c.syncs,
+        "targets": len(calls),
+        "launches_per_target": round(c.launches / len(calls), 2),
+        "elements": sum(t.layout.numel for t in flat.targets),
+        "scale": scale,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": device,
+        "ops": dict(c.ops.most_common()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print only the JSON summary")
@@ -147,15 +212,17 @@ def main() -> None:
     ap.add_argument("--blocks-scale", type=int, default=1, help="divide the 7B shapes by this for the blocks count")
     ap.add_argument("--details", action="store_true", help="include per-phase counts and ops by name")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--qlora", action="store_true", help="nf4 4-bit targets: count a step and one functional layer call")
     args = ap.parse_args()
     if args.scheme != "blocks" and args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the fused kernels run in the interpreter
     dtype = getattr(torch, args.dtype)
     out = {}
     for scheme in (["fused", "blocks"] if args.scheme == "both" else [args.scheme]):
-        res = count(scheme, args.fused_scale if scheme == "fused" else args.blocks_scale, dtype, args.device)
+        scale = args.fused_scale if scheme == "fused" else args.blocks_scale
+        res = (qlora_count if args.qlora else count)(scheme, scale, dtype, args.device)
         if not args.details:
-            res = {k: v for k, v in res.items() if k not in ("ops", "phases")}
+            res = {k: v for k, v in res.items() if k not in ("ops", "phases", "step_ops")}
         out[scheme] = res
     print(json.dumps(out, indent=None if args.json else 2))
 

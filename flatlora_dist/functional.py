@@ -5,6 +5,11 @@ forward is swapped for ``x·(W + e)ᵀ + b`` through a custom autograd function:
 materialised transiently (one weight-sized buffer, freed when the call returns) and rebuilt from the
 noise key in backward, so nothing of the weight's size is saved for backward.  ``W + e`` is rounded
 to the storage dtype exactly as the in-place mode rounds it, so both modes give the same numbers.
+
+Under the fused scheme a bitsandbytes 4-bit base (nf4/fp4, any ``quant_storage``, double quantization
+on or off) is dequantized and perturbed by one kernel reading the packed bytes (``noisy_4bit``): the
+same values as dequantizing with bitsandbytes and then adding the noise, one launch per layer call.
+8-bit and CPU-packed 4-bit bases keep the two steps (bitsandbytes' dequantize, then ``noisy``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from .inplace import NoiseKey, compute_dtype
 from .kernels import load_ops
 from .shards import ShardBackend
+from .shards.bnb import packed_4bit
 from .targets import LoraTarget
 
 _SAVED_FORWARD = "_flatlora_saved_forward"
@@ -25,11 +31,16 @@ _SAVED_FORWARD = "_flatlora_saved_forward"
 def noisy_weight(backend: ShardBackend, target: LoraTarget, key: NoiseKey, dtype: torch.dtype) -> torch.Tensor:
     """``round(W + e)`` as an ``(out, in)`` tensor of ``dtype`` (the full weight; one transient buffer).
 
-    Fused scheme: one ``noisy`` kernel over the (dequantized) weight; blocks scheme: chunk by chunk.
+    Fused scheme: one ``noisy_4bit`` kernel from the packed 4-bit bytes, else one ``noisy`` kernel over
+    the (dequantized) weight; blocks scheme: chunk by chunk.
     """
+    layout = target.layout
+    packed = packed_4bit(target) if key.fused and target.quantized else None
+    if packed is not None:  # bitsandbytes weights are (out, in) row-major (BnbBackend.check: out_axis 0)
+        out = load_ops().noisy_4bit(packed, key.std.to(packed.data.device), layout.cols, key.seed64)
+        return out.to(dtype).view(layout.rows, layout.cols)
     w = backend.dense_weight(target)
     store = w.dtype if w.is_floating_point() else torch.float32
-    layout = target.layout
     if key.fused:
         std = key.std.to(w.device)
         out = load_ops().noisy(w.detach().to(store), std, layout.cols, key.seed64, layout.out_axis)

@@ -287,12 +287,16 @@ def test_functional_noisy_weight_is_one_kernel():
 
 @pytest.mark.slow  # interpreter-heavy: the full suite
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype):
-    """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme: the same check as
-    ``test_qlora`` — gradients equal a dense layer holding dequant(W) + the fused noise."""
+@pytest.mark.parametrize(("quant_type", "double_quant", "storage", "bias"),
+                         [("nf4", True, torch.uint8, True), ("fp4", False, torch.bfloat16, False)])
+def test_qlora_4bit_gradients_equal_dense_layer_with_the_fused_noise(compute_dtype, quant_type, double_quant,
+                                                                     storage, bias):
+    """QLoRA (bitsandbytes 4-bit, functional mode) under the fused scheme (``noisy_4bit``: dequant + noise
+    in one kernel): the same check as ``test_qlora`` — gradients equal a dense layer holding
+    dequant(W) + the fused noise."""
     from test_qlora import test_gradients_equal_dense_layer_with_same_noise as check
 
-    check("nf4", True, compute_dtype, torch.uint8, True)
+    check(quant_type, double_quant, compute_dtype, storage, bias)
 
 
 def test_nonfinite_norm_is_read_with_the_counts_and_skips(monkeypatch):
@@ -370,18 +374,44 @@ def test_zero3_ranks_equal_single_process(monkeypatch, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_ranks_equal_single_process(monkeypatch, world):
-    """2- and 3-rank FSDP2 row shards (uneven at 3) with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
+@pytest.mark.parametrize(("kind", "world"), [("fsdp2", 2), ("fsdp2", 3), ("fsdp1", 2)])
+def test_fsdp_ranks_equal_single_process(monkeypatch, kind, world):
+    """2- and 3-rank FSDP2 row shards (uneven at 3) and 2-rank FSDP1 flat parameters (``use_orig_params``)
+    with the fused scheme: same checks as ``test_fsdp`` (one small case)."""
     _dist_env(monkeypatch)
     from fsdp_common import launch
 
-    case = dict(name="fsdp2", kind="fsdp2", checks=["perturbation", "cycles"], cycles=2)
-    res = [r["fsdp2"] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
+    case = dict(name=kind, kind=kind, checks=["perturbation", "cycles"], cycles=2)
+    res = [r[kind] for r in launch(ROOT / "tests" / "dist" / "fsdp_worker.py", world, {"cases": [case]})]
     for r in res:
-        assert r["backends"] == "fsdp2"
+        assert r["backends"] == kind and r["scheme"] == "fused"
         for phase in ("cold", "warm"):
             assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
             assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
             assert r[f"{phase}.loss_perturbed"] == pytest.approx(r[f"{phase}.ref_loss_perturbed"], abs=1e-6)
         assert r["cycles.bitwise"] and r["cycles.fixups"] > 0
+
+
+@pytest.mark.slow
+def test_hsdp_ranks_equal_single_process(monkeypatch):
+    """4 ranks = 2 replicas x 2 shards (FSDP2 on a 2-D mesh, FSDP1 HYBRID_SHARD) with the fused scheme:
+    equal to the single process, replicas bitwise identical, norms reduced over the 2-rank shard group."""
+    _dist_env(monkeypatch)
+    from fsdp_common import launch
+
+    cases = [dict(name="fsdp2", kind="fsdp2", replicas=2, checks=["perturbation", "cycles"], cycles=2),
+             dict(name="fsdp1", kind="fsdp1", replicas=2, checks=["perturbation"])]
+    out = launch(ROOT / "tests" / "dist" / "fsdp_worker.py", 4, {"cases": cases})
+    for name in ("fsdp2", "fsdp1"):
+        res = [r[name] for r in out]
+        for r in res:
+            assert r["backends"] == name and r["scheme"] == "fused" and r["reduce_group_size"] == 2
+            for phase in ("cold", "warm"):
+                assert r[f"{phase}.noise_bit_identical"] and r[f"{phase}.restored_bitwise"]
+                assert r[f"{phase}.std_max_rel"] < 1e-5 and r[f"{phase}.pert_max_abs_diff"] <= 1e-6
+        for phase in ("cold", "warm"):
+            for k in (0, 1):  # rank k and rank 2 + k hold the same shard: bitwise the same perturbation
+                assert res[k][f"{phase}.local_sha"] == res[2 + k][f"{phase}.local_sha"]
+            assert res[0][f"{phase}.local_starts"] != res[1][f"{phase}.local_starts"]
+            assert len({str(r[f"{phase}.full_sha"]) for r in res}) == 1
+    assert all(r["fsdp2"]["cycles.bitwise"] for r in out)

@@ -59,10 +59,12 @@ def qlora_layer(
     bias: bool = False,
     blocksize: int = 64,
     seed: int = 0,
+    weight_dtype: torch.dtype = torch.float32,
 ):
-    """One bnb ``Linear4bit`` wrapped with PEFT LoRA (r=8); rows of very different scale; s·BA ~ W."""
+    """One bnb ``Linear4bit`` wrapped with PEFT LoRA (r=8); rows of very different scale; s·BA ~ W.
+    ``weight_dtype``: the dtype quantized from (becomes ``quant_state.dtype``, what bnb dequantizes to)."""
     torch.manual_seed(seed)
-    w = torch.randn(n_out, n_in) * torch.linspace(0.1, 3.0, n_out)[:, None]
+    w = (torch.randn(n_out, n_in) * torch.linspace(0.1, 3.0, n_out)[:, None]).to(weight_dtype)
     lin = bnb.nn.Linear4bit(
         n_in,
         n_out,
@@ -102,7 +104,8 @@ def decode_4bit(weight) -> torch.Tensor:
     idx = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1).long()  # high nibble first
     absmax = BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax.float()
     table = BF.get_4bit_type(qs.quant_type, device=raw.device)
-    vals = table[idx].view(-1, qs.blocksize) * absmax.view(-1, 1)
+    n = qs.shape.numel()  # the last block may be partial
+    vals = table[idx][:n] * absmax.repeat_interleave(qs.blocksize)[:n]
     return vals.reshape(qs.shape).to(qs.dtype)
 
 

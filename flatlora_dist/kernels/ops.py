@@ -8,6 +8,7 @@ float format the bits hold.  Importing this module imports Triton.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -15,8 +16,12 @@ from torch.library import triton_op, wrap_triton
 
 from . import triton_kernels as K
 
+if TYPE_CHECKING:
+    from ..shards.bnb import Packed4bit
+
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_KIND_BITS = (torch.int32, torch.int16, torch.int16)  # bit-view dtype by kernel format code
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1 << 15 if INTERPRETED else 1024
 """Elements per program.  Values and record order do not depend on it (noise is keyed by index)."""
@@ -114,6 +119,20 @@ def _noisy_op(w: torch.Tensor, std: torch.Tensor, cols: int, seed: int, out_axis
     return out
 
 
+@triton_op("flatlora::noisy_4bit", mutates_args={})
+def _noisy_4bit_op(
+    data: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code: torch.Tensor, code2: torch.Tensor,
+    offset: torch.Tensor, std: torch.Tensor, n: int, cols: int, seed: int, blocksize: int, blocksize2: int,
+    nested: bool, qkind: int, kind_: int, noise_: bool,
+) -> torch.Tensor:
+    out = torch.empty(n, dtype=_KIND_BITS[kind_], device=data.device)
+    wrap_triton(K.noisy_4bit_kernel)[(programs(n),)](
+        data, absmax, absmax2, code, code2, offset, std, out, n, cols, seed, blocksize, blocksize2,
+        NESTED=nested, QKIND=qkind, KIND=kind_, NOISE=noise_, BLOCK=BLOCK, **_LAUNCH,
+    )
+    return out
+
+
 @triton_op("flatlora::row_sumsq", mutates_args={"acc"})
 def _row_sumsq_op(
     acc: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
@@ -178,6 +197,22 @@ def noisy(w: torch.Tensor, std: torch.Tensor, cols: int, seed: int, out_axis: in
     _check_device(w)
     out = torch.ops.flatlora.noisy(bits(w.contiguous()), std, cols, seed, out_axis, kind(w.dtype))
     return out.view(w.dtype).view(w.shape)
+
+
+def noisy_4bit(p: Packed4bit, std: torch.Tensor | None, cols: int, seed: int) -> torch.Tensor:
+    """``round(dequant(W) + e)`` for a whole bitsandbytes 4-bit ``(out, in)`` weight in one kernel, flat, in
+    ``p.out_dtype`` (``std``: per output row); ``std=None``: no noise (bitsandbytes' dequantize cast to
+    ``p.out_dtype``, bit for bit)."""
+    _check_device(p.data)
+    nest = p.nested
+    unused = p.code  # any tensor: the kernel does not read the pointers its constexpr flags switch off
+    absmax2, code2, offset, bs2 = (nest.absmax, nest.code, nest.offset, nest.blocksize) if nest else (
+        unused, unused, unused, 1)
+    out = torch.ops.flatlora.noisy_4bit(
+        p.data, p.absmax, absmax2, p.code, code2, offset, unused if std is None else std, p.numel, cols, seed,
+        p.blocksize, bs2, nest is not None, kind(p.quant_dtype), kind(p.out_dtype), std is not None,
+    )
+    return out.view(p.out_dtype)
 
 
 def row_sumsq(acc: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,

@@ -11,6 +11,11 @@ fp32->bf16 cast does not round to nearest even):
   restore will produce.
 * A record is needed where ``bits(back) != bits(w)``: *narrow* when ``bits(w) ^ bits(back)`` fits in
   16 bits (stored as (index, low 16 bits of the xor)), else *wide* (index, original bits).
+* bitsandbytes 4-bit (``noisy_4bit_kernel``): element ``k`` is nibble ``k % 2`` (high first) of byte
+  ``k // 2``; its value is ``round_q(code[q] · absmax[k // blocksize])`` in float32 then rounded to
+  the quant dtype, exactly as bitsandbytes' dequantize (CPU and CUDA kernels alike), with the
+  double-quantized scale ``absmax = code2[qabsmax[b]] · absmax2[b // blocksize2] + offset`` (a
+  product, then a separate add: no FMA, as bitsandbytes' two ops).
 """
 
 from __future__ import annotations
@@ -227,3 +232,40 @@ def row_sumsq_kernel(
         total += tl.sum(x * x, axis=1)
     old = tl.load(acc_ptr + o, mask=om, other=0.0)
     tl.store(acc_ptr + o, old + total, mask=om)
+
+
+@triton.jit
+def _dequant_4bit(k, m, data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, blocksize,
+                  blocksize2, NESTED: tl.constexpr, QKIND: tl.constexpr):
+    """bitsandbytes' 4-bit value of flat elements ``k`` (float32 holding a ``QKIND`` value)."""
+    byte = tl.load(data_ptr + k // 2, mask=m, other=0).to(tl.int32)
+    q = tl.where(k % 2 == 0, byte >> 4, byte & 0xF)
+    b = k // blocksize
+    if NESTED:
+        qa = tl.load(absmax_ptr + b, mask=m, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + qa, mask=m, other=0.0) * tl.load(absmax2_ptr + b // blocksize2, mask=m, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + b, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(code_ptr + q, mask=m, other=0.0) * scale
+    return _to_f32(_round_bits(v, QKIND), QKIND)
+
+
+@triton.jit
+def noisy_4bit_kernel(
+    data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, std_ptr, out_ptr, n, cols, seed,
+    blocksize, blocksize2, NESTED: tl.constexpr, QKIND: tl.constexpr, KIND: tl.constexpr,
+    NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Functional QLoRA: ``out = round(w + e)`` with ``w`` = the 4-bit weight dequantized to ``QKIND``
+    and cast to ``KIND`` (the layer's compute dtype), in one pass over the packed bytes; without
+    ``NOISE``, ``out = w`` (bitsandbytes' dequantize followed by ``.to(compute dtype)``).  The weight is
+    ``(out, in)`` row-major, so the row of ``k`` is ``k // cols``."""
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = k < n
+    w = _dequant_4bit(k, m, data_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, blocksize,
+                      blocksize2, NESTED, QKIND)
+    w = _to_f32(_round_bits(w, KIND), KIND)
+    if NOISE:
+        w = w + _noise(k, seed, std_ptr, cols, m, 0)
+    tl.store(out_ptr + k, _round_bits(w, KIND), mask=m)

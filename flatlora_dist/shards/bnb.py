@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
+from ..kernels import load_ops
 from ..targets import LoraTarget
 from .base import NORM_CHUNK, Region, ShardBackend
 
@@ -149,6 +152,73 @@ def _rows_4bit(target: LoraTarget, r0: int, r1: int) -> torch.Tensor:
     return out.view(r1 - r0, n)
 
 
+@dataclass(frozen=True)
+class Nested:
+    """Double quantization of the 4-bit scales: ``absmax[b] = code[q[b]] · absmax[b // blocksize] + offset``."""
+
+    absmax: torch.Tensor  # float32, one per nested block
+    code: torch.Tensor  # float32 (256,): the 8-bit dynamic map
+    blocksize: int
+    offset: torch.Tensor  # float32, one element, on the device (read there: no host sync)
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """A bitsandbytes 4-bit weight as the fused kernel reads it (views of its storage, nothing copied).
+
+    Element ``k`` of the flat ``(out, in)`` weight = nibble ``k % 2`` (high first) of ``data[k // 2]``,
+    scaled by ``absmax[k // blocksize]`` (uint8 codes of ``nested`` when double-quantized), rounded to
+    ``quant_dtype``, then cast to ``out_dtype`` (the layer's compute dtype), as ``dense_weight`` does.
+    """
+
+    data: torch.Tensor  # uint8, flat
+    absmax: torch.Tensor  # float32 scales, or uint8 codes when nested
+    code: torch.Tensor  # float32 (16,): the nf4/fp4 table
+    blocksize: int
+    numel: int
+    quant_dtype: torch.dtype
+    out_dtype: torch.dtype
+    nested: Nested | None
+
+
+@cache
+def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' 16-value nf4/fp4 table on ``device`` (built once per device: no copy per call)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type(quant_type, device=device).float().contiguous()
+
+
+def _as_device_scalar(x, device: torch.device) -> torch.Tensor:
+    """``offset`` as a one-element float32 tensor on ``device`` (no copy when it already is one)."""
+    t = torch.as_tensor(x, dtype=torch.float32, device=device)
+    return t.reshape(1)
+
+
+def packed_4bit(target: LoraTarget) -> Packed4bit | None:
+    """The fused kernel's view of a 4-bit target, or ``None`` where the two-step path stays: 8-bit
+    (LLM.int8()) and dense bases, and bitsandbytes' CPU-packed (AVX512) 4-bit layout."""
+    if storage_kind(target) != "4bit":
+        return None
+    qs = quant_state(target)
+    dev = target.weight.device
+    nested = None
+    if qs.nested:
+        s2 = qs.state2
+        nested = Nested(s2.absmax.float().contiguous(), s2.code.float().contiguous(), int(s2.blocksize),
+                        _as_device_scalar(qs.offset, dev))
+    return Packed4bit(
+        data=_flat_bytes(target.weight),
+        absmax=qs.absmax.contiguous() if qs.nested else qs.absmax.float().contiguous(),
+        code=_code_table(qs.quant_type, dev),
+        blocksize=int(qs.blocksize),
+        numel=target.layout.numel,
+        quant_dtype=qs.dtype,
+        out_dtype=layer_compute_dtype(target),
+        nested=nested,
+    )
+
+
 def _rows_4bit_cpu_packed(target: LoraTarget, r0: int, r1: int) -> torch.Tensor:
     """Rows of a weight in bitsandbytes' AVX512 packed layout: ``(r1-r0, in)`` in ``quant_state.dtype``.
 
@@ -223,9 +293,16 @@ class BnbBackend(ShardBackend):
         for r0, r1 in row_chunks(target):
             yield r0 * n, dequantize_rows(target, r0, r1).to(cd).float().reshape(-1)
 
+    @torch.no_grad()
     def norm_spans(self, target: LoraTarget) -> list[tuple[int, torch.Tensor]]:
-        """The dequantized chunks (no dense copy of the whole weight exists outside a forward)."""
-        return list(self.norm_chunks(target))
+        """The fused scheme's spans (the engine asks for these only under it): a 4-bit weight whole, from
+        one ``noisy_4bit`` kernel without noise — the values of ``norm_chunks`` in the compute dtype, one
+        transient weight-sized buffer (what every forward of the layer holds too), one launch instead of
+        ~4 per ``NORM_CHUNK``; the other formats as their dequantized chunks."""
+        packed = packed_4bit(target)
+        if packed is None:
+            return list(self.norm_chunks(target))
+        return [(0, load_ops().noisy_4bit(packed, None, target.layout.cols, 0))]
 
     @torch.no_grad()
     def dense_weight(self, target: LoraTarget) -> torch.Tensor:

@@ -334,6 +334,7 @@ def run_case(case: dict, world: int, out: str) -> dict:
     group = backend.reduce_group()
     res: dict = {
         "backends": flat.stats()["backends"],
+        "scheme": flat.scheme,  # FLATLORA_KERNELS as the engine resolved it (fused / blocks)
         "names": [t.name for t in flat.targets],
         "reduce_group_size": None if group is None else dist.get_world_size(group),
     }
