@@ -174,7 +174,7 @@ def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype, device: str
     model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(shapes)))
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=1))
     flat.perturb(0)  # warm-up: compilation, lazy imports
-    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    calls = [(flat.backend_of(t), t, flat.noise_key(t)) for t in flat.targets]
     functional.noisy_weight(*calls[0], compute_dtype)
     flat.restore()
     with OpCounter() as step:
@@ -182,7 +182,7 @@ def qlora_count(scheme: str, scale: int, compute_dtype: torch.dtype, device: str
         flat.stats()
         flat.restore()
     flat.perturb(1)
-    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    calls = [(flat.backend_of(t), t, flat.noise_key(t)) for t in flat.targets]
     with OpCounter() as c:
         for b, t, k in calls:
             functional.noisy_weight(b, t, k, compute_dtype)

@@ -57,7 +57,7 @@ def main() -> None:
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant", seed=0))
     flat.perturb(1)
     ops = load_ops()
-    calls = [(flat._backend_of[id(t)], t, flat._active.keys[id(t)]) for t in flat.targets]
+    calls = [(flat.backend_of(t), t, flat.noise_key(t)) for t in flat.targets]
 
     def dequant():
         return [b.dense_weight(t) for b, t, _ in calls]
