@@ -141,7 +141,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "fingerprint_hashes_a_prefix",
         "the base-weight fingerprint hashes only the first bytes of each weight",
-        (("flatlora_dist/train/report.py",
+        (("flatlora_dist/checkpoint.py",
           "h.update(t.view(torch.uint8).numpy().tobytes())",
           "h.update(t.view(torch.uint8).numpy().tobytes()[:256])"),),
     ),
