@@ -131,7 +131,3 @@ def load() -> ctypes.CDLL | None:
         raise RuntimeError(f"{ENV}=on but the CPU round-trip kernels cannot be built: {_FAILED}; "
                            f"install a C compiler (gcc) or set {ENV}=auto")  # fmt: skip
     return _LIB
-
-
-if __name__ == "__main__":  # `python -m flatlora_dist.native`: build ahead of use (make install)
-    print(build())
