@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/overhead.py            # full run (~10 min on 2 idle cores)
     .venv/bin/python bench/overhead.py --quick    # smoke run (~1-2 min)
+    .venv/bin/python bench/overhead.py --ga 1,4 --no-dist   # one run per accumulation, 4,096 tokens each
 
 (a) Single process, SmolLM2-135M-Instruct, fp32, LoRA r=8 on every linear layer (210 layers, 106 M
     base elements), ``--ga`` micro-batches of ``--micro`` x ``--seq`` random tokens per optimizer step
-    (default 4 x 256 x 4 = 4,096 tokens).  Three arms in one process, interleaved (rotating order per
+    (default 4 x 256 x 4 = 4,096 tokens; ``--ga 1,4`` runs (a) once per value in one invocation, each
+    with ``--micro`` = ``--tokens / (ga * seq)`` unless ``--micro`` is given).  Three arms in one process, interleaved (rotating order per
     round, so load drift on a shared machine hits all alike); medians over ``--rounds`` steps:
 
     * ``lora``: forward/backward of every micro-batch, ``optimizer.step()``.
@@ -20,7 +22,9 @@
     Both Flat arms run at factor 1 (``schedule="constant"``) so every measured step perturbs.  Inside
     each Flat/reference step the perturb and restore calls are timed too: ``1 + (perturb + restore) /
     LoRA step`` is a second, much less noisy estimate of the ratio (the forward/backward work is the
-    same in every arm; only the values of the weights differ).
+    same in every arm; only the values of the weights differ).  "perturb+restore alone" also times
+    ``flat_torch``: the same Flat-LoRA with ``FLATLORA_NATIVE=off`` (the torch-op path the fused CPU
+    kernels replace), so one run shows both.
 
     Peak memory: torch's CPU allocator has no resettable peak counter and peak RSS cannot be reset
     (``ru_maxrss``) and counts pages glibc keeps after ``free``; a per-arm subprocess would triple the
@@ -81,6 +85,22 @@ def timer(acc: dict, key: str, device: str):
     finally:
         sync(device)
         acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def native_mode(value: str | None):
+    """Run the body with ``FLATLORA_NATIVE=value`` (``None``: unchanged)."""
+    old = os.environ.get("FLATLORA_NATIVE")
+    if value is not None:
+        os.environ["FLATLORA_NATIVE"] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop("FLATLORA_NATIVE", None)
+            else:
+                os.environ["FLATLORA_NATIVE"] = old
 
 
 def tensor_bytes(tensors) -> int:
@@ -207,7 +227,7 @@ def single_process(args: argparse.Namespace) -> dict:
     base_live = live_bytes(model, opt)
     flat_state = flat.stats()["state_bytes"] - flat.stats()["fixup_bytes"]  # norm buffers, alive between steps
     memory = {}
-    for name, fn in arms.items():
+    for name, fn in arms.items() if args.ga in args.memory_ga else ():
         transient = peak_transient(lambda fn=fn: fn(batches[:1], {}), device)
         persistent = base_live + (flat_state if name == "flat" else 0)
         memory[name] = {"transient_peak_bytes": transient, "persistent_bytes": persistent,
@@ -261,14 +281,16 @@ def single_process(args: argparse.Namespace) -> dict:
     for nt in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(nt)
         for name, (p, r_) in {"flat": (lambda: flat.perturb(10**5), flat.restore),
+                              "flat_torch": (lambda: flat.perturb(10**5), flat.restore),
                               "reference": (ref.perturb, ref.restore)}.items():  # fmt: skip
             runs = []
             for _ in range(args.component_reps):
                 acc = {}
-                with timer(acc, "perturb", device):
-                    p()
-                with timer(acc, "restore", device):
-                    r_()
+                with native_mode("off" if name == "flat_torch" else None):
+                    with timer(acc, "perturb", device):
+                        p()
+                    with timer(acc, "restore", device):
+                        r_()
                 runs.append(acc["perturb"] + acc["restore"])
             components[f"{name}_threads{nt}_s"] = statistics.median(runs)
     torch.set_num_threads(threads)
@@ -287,9 +309,10 @@ def single_process(args: argparse.Namespace) -> dict:
                                      for k in ("flat", "reference")},
         "components_s": components,
         "memory": memory,
-        "memory_ratio": {k: memory[k]["peak_bytes"] / memory["lora"]["peak_bytes"] for k in ("flat", "reference")},
+        "memory_ratio": {k: memory[k]["peak_bytes"] / memory["lora"]["peak_bytes"] for k in ("flat", "reference")}
+        if memory else None,
         "transient_ratio": {k: memory[k]["transient_peak_bytes"] / max(1, memory["lora"]["transient_peak_bytes"])
-                            for k in ("flat", "reference")},
+                            for k in ("flat", "reference")} if memory else None,
         "micro_fwd_bwd_s": fb,
         "micro_fwd_bwd_median_s": {k: statistics.median(v) for k, v in fb.items() if v},
         "flat_stats": flat_stats,
@@ -333,9 +356,10 @@ def distributed(args: argparse.Namespace) -> dict:
 
 
 def table(res: dict) -> str:
-    s = res.get("single")
     lines = []
-    if s:
+    for s in res.get("single", []):
+        if lines:
+            lines.append("")
         mib = 2**20
         lines += [
             f"Single process, SmolLM2-135M fp32, LoRA r={s['r']} all linear ({s['layers']} layers, "
@@ -347,13 +371,14 @@ def table(res: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for arm in ("lora", "flat", "reference"):
-            m = s["memory"][arm]
+            m = s["memory"].get(arm)
             ratio = 1.0 if arm == "lora" else s["time_ratio"][arm]
             comp = "—" if arm == "lora" else f"{s['time_ratio_from_components'][arm]:.3f}"
             pair = "—" if arm == "lora" else f"{s['time_ratio_paired_rounds'][arm]:.3f}"
-            mr = 1.0 if arm == "lora" else s["memory_ratio"][arm]
-            lines.append(f"| {arm} | {s['median_step_s'][arm]:.2f} | {ratio:.3f} | {pair} | {comp} | "
-                         f"{m['peak_bytes'] / mib:.1f} | {mr:.4f} | {m['transient_peak_bytes'] / mib:.1f} |")  # fmt: skip
+            mr = 1.0 if arm == "lora" or m is None else s["memory_ratio"][arm]
+            mem = "not measured | — | —" if m is None else (
+                f"{m['peak_bytes'] / mib:.1f} | {mr:.4f} | {m['transient_peak_bytes'] / mib:.1f}")
+            lines.append(f"| {arm} | {s['median_step_s'][arm]:.2f} | {ratio:.3f} | {pair} | {comp} | {mem} |")  # fmt: skip
         if s.get("micro_fwd_bwd_median_s"):
             lines += ["", f"forward+backward of one {s['micro']}x{s['seq']} micro-batch, clean vs perturbed weights (median s): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in s["micro_fwd_bwd_median_s"].items())]  # fmt: skip
@@ -362,6 +387,9 @@ def table(res: dict) -> str:
         fs = s["flat_stats"]
         lines.append(f"Flat-LoRA fix-ups per step: {fs['fixups']:,} elements ({fs['fixups'] / fs['elements']:.2%}), "
                      f"{fs['fixup_bytes'] / mib:.1f} MiB; engine state {fs['state_bytes'] / mib:.1f} MiB")  # fmt: skip
+        pr = {k: statistics.median(v) for k, v in s["perturb_restore_s"].items()}
+        lines.append(f"perturb+restore per optimizer step inside the timed steps (median s): flat {pr['flat']:.2f}, "
+                     f"reference {pr['reference']:.2f} (ga {s['ga']}); load average {s['load_avg']}")  # fmt: skip
     d = res.get("dist")
     if d:
         lines += ["", "| 2 ranks (gloo, CPU) | Flat/LoRA step time (worst rank) | perturb+restore / LoRA step |", "|---|---|---|"]
@@ -377,12 +405,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, one round: a smoke run")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--micro", type=int, default=None, help="micro-batch size (default: --tokens / (ga * seq))")
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--ga", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per optimizer step when --micro is not given")
+    ap.add_argument("--ga", default="4", help="micro-batches per optimizer step; a list (1,4) runs (a) once per value")
     ap.add_argument("--rounds", type=int, default=6, help="timed steps per arm (interleaved)")
     ap.add_argument("--component-reps", type=int, default=3)
     ap.add_argument("--fb-reps", type=int, default=6, help="micro-batch fwd/bwd: clean vs perturbed weights")
+    ap.add_argument("--memory-ga", default=None,
+                    help="profile peak memory only at these --ga values (default: all; the profiler holds "
+                         "every allocation record of a step, which at 16x256 micro-batches may not fit in RAM)")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -394,9 +426,12 @@ def main() -> None:
     ap.add_argument("--dist-seq", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    gas = [int(v) for v in str(args.ga).split(",")]
     if args.quick:
-        args.micro, args.seq, args.ga, args.rounds, args.component_reps, args.fb_reps = 2, 64, 2, 1, 1, 2
+        args.micro, args.seq, args.rounds, args.component_reps, args.fb_reps = 2, 64, 1, 1, 2
+        gas = [2]
         args.dist_pairs, args.dist_hidden, args.dist_layers, args.dist_seq = 2, 64, 2, 32
+    args.memory_ga = gas if args.memory_ga is None else [int(v) for v in str(args.memory_ga).split(",")]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if args.threads:
@@ -406,25 +441,38 @@ def main() -> None:
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "machine": machine()}
     print(res["machine"], flush=True)
     if not args.no_single:
-        res["single"] = single_process(args)
+        res["single"] = []
+        micro = args.micro
+        for ga in gas:
+            args.ga = ga
+            args.micro = micro if micro is not None else args.tokens // (ga * args.seq)
+            if args.micro <= 0:
+                raise SystemExit(f"--tokens {args.tokens} is less than one sequence per micro-batch at --ga {ga}")
+            load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+            res["single"].append(single_process(args))
+            end = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+            res["single"][-1]["load_avg"] = f"{load} at start, {end} at end"
     if not args.no_dist and not args.device.startswith("cuda"):
         res["dist"] = distributed(args)
-    s = res.get("single")
-    if s:
-        comp, direct = s["time_ratio_from_components"], s["time_ratio"]
-        res["targets"] = {
-            "flat_time_ratio<=1.05 (perturb+restore estimate)": comp["flat"] <= TARGETS["time_ratio"],
-            "flat_time_ratio<=1.05 (step-time medians)": direct["flat"] <= TARGETS["time_ratio"],
-            "flat_below_reference (perturb+restore estimate)": comp["flat"] < comp["reference"],
-            "flat_below_reference (step-time medians)": direct["flat"] < direct["reference"],
-            "flat_memory_ratio<=1.01": s["memory_ratio"]["flat"] <= TARGETS["memory_ratio"],
+    res["targets"] = {}
+    for s in res.get("single", []):
+        comp, direct, ga = s["time_ratio_from_components"], s["time_ratio"], s["ga"]
+        pr = {k: statistics.median(v) for k, v in s["perturb_restore_s"].items()}
+        res["targets"] |= {
+            f"ga{ga}: flat_time_ratio<=1.05 (perturb+restore estimate)": comp["flat"] <= TARGETS["time_ratio"],
+            f"ga{ga}: flat_time_ratio<=1.05 (step-time medians)": direct["flat"] <= TARGETS["time_ratio"],
+            f"ga{ga}: flat_perturb_restore<=reference (median per step)": pr["flat"] <= pr["reference"],
+            f"ga{ga}: flat_ratio<=reference (perturb+restore estimate)": comp["flat"] <= comp["reference"],
+            f"ga{ga}: flat_ratio<=reference (step-time medians)": direct["flat"] <= direct["reference"],
         }
+        if s["memory_ratio"]:
+            res["targets"][f"ga{ga}: flat_memory_ratio<=1.01"] = s["memory_ratio"]["flat"] <= TARGETS["memory_ratio"]
     res["wall_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print()
     print(table(res))
-    if "targets" in res:
+    if res["targets"]:
         print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res["targets"].items()))
     print(f"wall time {res['wall_s']:.0f} s; wrote {out}")
 

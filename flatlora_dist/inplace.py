@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native as _native
+from . import roundtrip
 from .kernels import load_ops
 from .layout import RowLayout
 from .noise import key_seed, noise_chunks
@@ -129,11 +131,41 @@ def _widen16(x16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x16.to(dtype) & 0xFFFF
 
 
-def perturb_region(region: Region, key: NoiseKey) -> Fixups | None:
-    """Add the key's noise to ``region`` in place; return the fix-ups (global indices) its restore needs."""
+def _kernels(region: Region, key: NoiseKey, use: bool | None):
+    """The native round-trip library for this region, or ``None`` for the torch path.
+
+    ``use``: ``None`` = when available (``FLATLORA_NATIVE``) and the region qualifies (CPU, contiguous
+    float32/bfloat16/float16, blocks scheme); ``True`` = required (one clear error if impossible);
+    ``False`` = the torch path.  Both paths give bit-identical weights and records.
+    """
+    if use is False or key.fused:
+        if use and key.fused:
+            raise ValueError("native round-trip kernels implement the blocks scheme, not the fused one")
+        return None
+    ok = roundtrip.supports(region.tensor, key.std)
+    if use and not ok:
+        t = region.tensor
+        raise ValueError(f"native round-trip kernels need a contiguous CPU float32/bfloat16/float16 region "
+                         f"and a float32 std, got {t.dtype} on {t.device} (contiguous={t.is_contiguous()}) "
+                         f"and std {key.std.dtype}; pass native=None to fall back")  # fmt: skip
+    lib = _native.load() if ok else None
+    if use and lib is None:
+        raise RuntimeError(f"native round-trip kernels requested but {_native.ENV}=off")
+    return lib
+
+
+def perturb_region(region: Region, key: NoiseKey, native: bool | None = None) -> Fixups | None:
+    """Add the key's noise to ``region`` in place; return the fix-ups (global indices) its restore needs.
+
+    ``native``: use the fused C pass (``roundtrip.py``); ``None`` = when available (see ``_kernels``).
+    """
     t = region.tensor
     if t.numel() == 0:
         return None
+    lib = _kernels(region, key, native)
+    if lib is not None:
+        records = roundtrip.perturb(lib, region, key)
+        return None if records is None else Fixups(*records)
     cd = compute_dtype(t.dtype)
     records: list[tuple[torch.Tensor, ...]] = []
     for lo, e in key.chunks(region.start, region.stop, t.device):
@@ -166,19 +198,17 @@ def _records(bad: torch.Tensor, bw: torch.Tensor, bb: torch.Tensor, w: torch.Ten
     return bad + lo, _low16(x), bad[:0] + lo, w[:0].clone()
 
 
-def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None) -> None:
-    """Undo ``perturb_region`` bit-exactly: subtract the regenerated noise, then patch the fix-ups."""
+def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None, native: bool | None = None) -> None:
+    """Undo ``perturb_region`` bit-exactly: subtract the regenerated noise, then patch the fix-ups
+    (``native`` as in ``perturb_region``; either path restores what either path perturbed)."""
     t = region.tensor
     if t.numel() == 0:
         return
-    cd = compute_dtype(t.dtype)
-    for lo, e in key.chunks(region.start, region.stop, t.device):
-        off = lo - region.start
-        w = t[off : off + e.numel()]
-        if cd == t.dtype:
-            w.sub_(e)
-        else:
-            w.copy_((w.to(cd) - e).to(t.dtype))
+    lib = _kernels(region, key, native)
+    if lib is not None:
+        roundtrip.restore_noise(lib, region, key)
+    else:
+        _restore_noise(region, key)
     if fixups is None:
         return
     bits = _bits(t)
@@ -188,6 +218,19 @@ def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None) -> None
     li, values = _inside(region, key, fixups.full_index, fixups.full_values)
     if li.numel():
         t[li] = values.to(t.device)
+
+
+def _restore_noise(region: Region, key: NoiseKey) -> None:
+    """The torch path's ``w = round(w - e)``, chunk by chunk."""
+    t = region.tensor
+    cd = compute_dtype(t.dtype)
+    for lo, e in key.chunks(region.start, region.stop, t.device):
+        off = lo - region.start
+        w = t[off : off + e.numel()]
+        if cd == t.dtype:
+            w.sub_(e)
+        else:
+            w.copy_((w.to(cd) - e).to(t.dtype))
 
 
 def _inside(region: Region, key: NoiseKey, index: torch.Tensor, values: torch.Tensor):

@@ -21,12 +21,15 @@ import hashlib
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
 
 from .kernels import load_ops, scheme_for
+
+T = TypeVar("T")
 
 NOISE_BLOCK = 1 << 18
 """Elements per noise block.  Part of the noise's definition: changing it changes every draw."""
@@ -109,31 +112,51 @@ def noise_chunks(
     On CPU the next blocks are drawn by worker threads while the caller uses the current one (at most
     ``CPU_DRAW_THREADS + 1`` blocks alive); values are identical to drawing them in order.
     """
+    return map_noise_chunks(seed, step, name, numel, start, stop, device, lambda lo, values: (lo, values))
+
+
+def map_noise_chunks(
+    seed: int, step: int, name: str, numel: int, start: int, stop: int, device: torch.device,
+    fn: Callable[[int, torch.Tensor], T],
+) -> Iterator[T]:  # fmt: skip
+    """Yield ``fn(chunk_start, values)`` for each chunk of ``noise_chunks``, in order.
+
+    On CPU ``fn`` runs in the draw thread right after its block is drawn, so chunk work that releases the
+    GIL (torch ops, the native round-trip kernels) runs on every draw thread at once; at most
+    ``CPU_DRAW_THREADS + 1`` chunks are in flight.  ``fn`` must only touch its own chunk's data.  When
+    the caller stops early or ``fn`` raises, the chunks already started are finished before this returns.
+    """
     if not 0 <= start <= stop <= numel:
         raise ValueError(f"range [{start}, {stop}) is outside a weight of {numel} elements")
     device = torch.device(device)
     ranges = list(_block_ranges(start, stop))
+
+    def task(block: int, lo: int, hi: int) -> T:
+        off = block * NOISE_BLOCK
+        return fn(lo, draw_block(seed, step, name, block, numel, device)[lo - off : hi - off])
+
     pool = _pool() if device.type == "cpu" and len(ranges) > 1 else None
     if pool is None:
-        for block, lo, hi in ranges:
-            values = draw_block(seed, step, name, block, numel, device)
-            off = block * NOISE_BLOCK
-            yield lo, values[lo - off : hi - off]
+        for r in ranges:
+            yield task(*r)
         return
     pending: deque = deque()
     todo = iter(ranges)
-    for block, lo, hi in todo:
-        pending.append((block, lo, hi, pool.submit(draw_block, seed, step, name, block, numel, device)))
-        if len(pending) > CPU_DRAW_THREADS:
-            break
-    while pending:
-        block, lo, hi, fut = pending.popleft()
-        nxt = next(todo, None)
-        if nxt is not None:
-            pending.append((*nxt, pool.submit(draw_block, seed, step, name, nxt[0], numel, device)))
-        values = fut.result()
-        off = block * NOISE_BLOCK
-        yield lo, values[lo - off : hi - off]
+    try:
+        for r in todo:
+            pending.append(pool.submit(task, *r))
+            if len(pending) > CPU_DRAW_THREADS:
+                break
+        while pending:
+            fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(task, *nxt))
+            yield fut.result()
+    finally:
+        for fut in pending:  # early exit: nothing still writes once we return
+            fut.cancel()
+        wait(pending)
 
 
 def noise_range(

@@ -4,7 +4,7 @@
 Each mutant is plain data: a name, the bug in words, and one or more exact text replacements
 ``(file, old, new)``.  ``old`` must occur exactly once in ``file``; otherwise the runner reports the mutant
 as NOT APPLICABLE and fails, so a refactor cannot silently disable a mutant: re-anchor its text instead.
-They target the default (CPU block) noise path.
+They target the default (CPU block) noise path: its fused C pass and the torch-op path it falls back to.
 """
 
 from __future__ import annotations
@@ -151,5 +151,26 @@ MUTANTS: list[Mutant] = [
         (("flatlora_dist/train/run.py",
           "            check_resume_noise(ckpt, cfg)\n",
           "            pass\n"),),
+    ),
+    Mutant(
+        "native_fixups_keyed_by_local_index",
+        "the fused CPU pass records fix-ups by region-local index (its chunk start without the region's)",
+        (("flatlora_dist/roundtrip.py",
+          "rc = lib.flatlora_perturb(code, _ptr(w), _ptr(z), _ptr(std), n, lo, layout.cols",
+          "rc = lib.flatlora_perturb(code, _ptr(w), _ptr(z), _ptr(std), n, off, layout.cols"),),
+    ),
+    Mutant(
+        "native_wide_xor_truncated",
+        "the C kernel keeps xors up to 24 bits as 16-bit records (the whole value is lost)",
+        (("flatlora_dist/native/roundtrip.c",
+          "if (wide_ok && (x[j] >> 16)) {",
+          "if (wide_ok && (x[j] >> 24)) {"),),
+    ),
+    Mutant(
+        "native_bf16_rounds_down",
+        "the C kernel truncates float32 to bfloat16 instead of rounding to nearest even",
+        (("flatlora_dist/native/roundtrip.c",
+          "return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);",
+          "return (uint16_t)(u >> 16);"),),
     ),
 ]  # fmt: skip
