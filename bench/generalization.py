@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/generalization.py --study all            # the full configuration (defaults)
     .venv/bin/python bench/generalization.py --study all --quick    # CI smoke run (seconds)
-    .venv/bin/python bench/generalization.py --report-only          # tables/plots from the run files
+    .venv/bin/python bench/generalization.py --report-only          # tables/plots from every run file in --out
 
 **Study A: is this the paper's algorithm?**  Three arms per seed: ``lora``, ``flat<s>`` (this
 library) and ``ref<s>`` (:class:`reference.ReferenceFlatLoRA`: the official loop in plain PyTorch,
