@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/generalization.py --study all            # the full configuration (defaults)
     .venv/bin/python bench/generalization.py --study all --quick    # CI smoke run (seconds)
-    .venv/bin/python bench/generalization.py --report-only          # tables/plots from the run files
+    .venv/bin/python bench/generalization.py --report-only          # tables/plots from every run file in --out
 
 **Study A: is this the paper's algorithm?**  Three arms per seed: ``lora``, ``flat<s>`` (this
 library) and ``ref<s>`` (:class:`reference.ReferenceFlatLoRA`: the official loop in plain PyTorch,
@@ -82,8 +82,8 @@ QUICK = {
 }  # fmt: skip
 RADII = (0.05, 0.1, 0.2)
 SENT_SPLITS = ("test", "amazon", "tweets", "nyt")  # movie test (in domain) + every out-of-domain split
-SPLIT_LABEL = {"test": "movie (in-domain)", "amazon": "Amazon", "tweets": "tweets", "nyt": "NYT",
-               "validation": "seen-template val"}  # fmt: skip
+SPLIT_LABEL = {"test": "movie (in-domain)", "amazon": "Amazon", "tweets": "tweets", "nyt": "NYT"}
+MATH_SPLIT_LABEL = {"test": "held-out-template", "validation": "seen-template val"}
 # TOST equivalence margins (study A), fixed before the study was run; see the module docstring and README.
 MARGINS = {"sentiment": {f"acc/{s}": 0.015 for s in SENT_SPLITS}, "math": {"loss/test": 0.01}}
 LEVEL = 0.95
@@ -494,26 +494,28 @@ def fmt_ci(m: str, ci: list[float]) -> str:
     return f"[{fmt_metric(m, ci[0], True)}, {fmt_metric(m, ci[1], True)}]"
 
 
-def md_table(table: dict, metrics: list[str]) -> list[str]:
-    lines = ["| arm | " + " | ".join(metric_head(m) for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+def md_table(table: dict, metrics: list[str], task: str) -> list[str]:
+    lines = ["| arm | " + " | ".join(metric_head(m, task) for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     for arm, vals in table.items():
         cells = [f"{fmt_metric(m, vals[m]['mean'])} ± {fmt_metric(m, vals[m]['std'])}" for m in metrics]
         lines.append(f"| {arm_label(arm)} (n={vals[metrics[0]]['n']}) | " + " | ".join(cells) + " |")
     return lines
 
 
-def metric_head(m: str) -> str:
+def metric_head(m: str, task: str) -> str:
+    """Column label of ``acc/<split>`` or ``loss/<split>``; split names mean different data per task."""
     kind, split = m.split("/")
-    return f"{SPLIT_LABEL.get(split, split)} {'acc %' if kind == 'acc' else 'CE'}"
+    labels = SPLIT_LABEL if task == "sentiment" else MATH_SPLIT_LABEL
+    return f"{labels.get(split, split)} {'acc %' if kind == 'acc' else 'CE'}"
 
 
 def markdown_a(task: str, a: dict) -> list[str]:
     metrics = task_metrics(task)
     lines = [f"\n### Study A ({task}): this library vs the reference at σ={a['sigma']:g}, n={len(a['seeds'])} seeds\n"]
-    lines += md_table(a["table"], metrics)
+    lines += md_table(a["table"], metrics, task)
     lines += ["", "Paired differences per seed: mean [95 % CI] (p); flat − ref also TOST at the stated margin "
               "(90 % CI, p, verdict):", ""]  # fmt: skip
-    lines += ["| pair | " + " | ".join(metric_head(m) for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    lines += ["| pair | " + " | ".join(metric_head(m, task) for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     for name, per in a["pairs"].items():
         cells = []
         for m in metrics:
@@ -540,7 +542,7 @@ def markdown_a(task: str, a: dict) -> list[str]:
 def markdown_b(b: dict) -> list[str]:
     metrics = task_metrics("sentiment")
     lines = [f"\n### Study B (sentiment, small data): Flat-LoRA − LoRA, n={len(b['seeds'])} seeds\n"]
-    lines += md_table(b["table"], metrics)
+    lines += md_table(b["table"], metrics, "sentiment")
     lines += ["", "Training-set fit (overfitting check): " + "; ".join(
         f"{arm_label(a)} train acc {100 * v['train_acc']['mean']:.1f} %, CE {v['train_loss']['mean']:.4f}"
         for a, v in b["overfit"].items())]  # fmt: skip
@@ -593,7 +595,7 @@ def plot_a(summary: dict, path: Path) -> None:
         margin = scale * a["margins"][metrics[0]]
         ax.axhspan(-margin, margin, color="grey", alpha=0.15, label=f"TOST margin ±{margin:g}")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(metrics)), [metric_head(m) for m in metrics], fontsize=8)
+        ax.set_xticks(range(len(metrics)), [metric_head(m, task) for m in metrics], fontsize=8)
         ax.set_ylabel("paired difference" + (" (accuracy points)" if scale == 100 else " (nats)"))
         ax.set_title(f"{task}: this library vs reference, σ={a['sigma']:g}, n={len(a['seeds'])}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -714,17 +716,25 @@ def run_task(task: str, arms: list[str], cfg: dict, args: argparse.Namespace, pa
     return runs
 
 
-def report(out: Path, stem: str, tasks: list[str], sigmas: list[float], equiv_sigma: float, seeds: int) -> dict:
-    """Statistics of both studies from the run files; writes the JSON, Markdown and the two plots."""
+def run_seeds(runs: dict) -> list[int]:
+    """Every seed with a run in ``runs`` (keys ``<arm>/<seed>``); the studies pair the seeds where
+    all their arms ran (``seeds_with``)."""
+    return sorted({int(key.rsplit("/", 1)[1]) for key in runs})
+
+
+def report(out: Path, stem: str, sigmas: list[float], equiv_sigma: float) -> dict:
+    """Statistics of both studies from every task's run file in ``out`` (not only the tasks just run,
+    so running one task never drops another's results from the combined report); each task covers
+    its own seeds (``run_seeds``). Writes the JSON, Markdown and the two plots."""
     merged: dict = {"meta": {}, "runs": {}}
-    for task in tasks:
+    for task in MARGINS:
         p = out / f"{stem}_runs_{task}.json"
         if p.exists():
             d = json.loads(p.read_text())
             merged["meta"][task], merged["runs"][task] = d["meta"], d["runs"]
-    seed_list = list(range(seeds))
-    a = {t: study_a(t, merged["runs"][t], equiv_sigma, seed_list) for t in merged["runs"]}
-    b = study_b(merged["runs"]["sentiment"], sigmas, seed_list) if "sentiment" in merged["runs"] else None
+    a = {t: study_a(t, r, equiv_sigma, run_seeds(r)) for t, r in merged["runs"].items()}
+    sent = merged["runs"].get("sentiment")
+    b = study_b(sent, sigmas, run_seeds(sent)) if sent else None
     merged["study_a"] = {t: v for t, v in a.items() if v}
     merged["study_b"] = b
     (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
@@ -751,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--equiv-sigma", type=float, default=0.2, help="sigma of study A's flat/ref arms")
     ap.add_argument("--noise-control", action="store_true",
                     help="study A: add this library with a second noise stream (how far flat-ref may differ by noise alone)")
-    ap.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {FULL['seeds']})")
+    ap.add_argument("--seeds", type=int, default=None, help=f"seeds per arm to run (default {FULL['seeds']}); reports cover every seed in the run files")
     ap.add_argument("--math-targets", default="q_proj,v_proj", help="'all-linear' or comma-separated module names")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override sizes: {sorted(FULL)}")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -788,7 +798,7 @@ def main(argv: list[str] | None = None) -> dict:
         for task in tasks:
             arms = task_arms(task, studies, args.sigmas, args.equiv_sigma, args.noise_control)
             run_task(task, arms, cfg, args, args.out / f"{stem}_runs_{task}.json")
-    merged = report(args.out, stem, tasks, args.sigmas, args.equiv_sigma, cfg["seeds"])
+    merged = report(args.out, stem, args.sigmas, args.equiv_sigma)
     print(f"\nwall time {time.perf_counter() - start:.0f} s; wrote {args.out / (stem + '.json')}")
     return merged
 

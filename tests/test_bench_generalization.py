@@ -21,7 +21,7 @@ from conftest import tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from generalization import ALT_SEED_OFFSET, Perturber, parse_arm, train_loop  # noqa: E402
+from generalization import ALT_SEED_OFFSET, Perturber, parse_arm, report, train_loop  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
@@ -109,6 +109,40 @@ def test_parse_arm_and_the_second_noise_stream():
     assert Perturber(model, "alt0.2", 3, seed=4).impl.config.seed == 4 + ALT_SEED_OFFSET
     with pytest.raises(ValueError, match="unknown arm"):
         parse_arm("sam0.1")
+
+
+def _fake_run(task: str, arm: str, seed: int) -> dict:
+    """A run record with every field the reports read; values differ per (arm, seed)."""
+    v = 0.01 * seed + 0.001 * ((len(arm) * (seed + 3)) % 7)  # paired differences vary over seeds
+    splits = ("test", "amazon", "tweets", "nyt") if task == "sentiment" else ("test", "validation")
+    run = {"loss": {s: 1.0 + v + 0.1 * k for k, s in enumerate(splits)},
+           "probe": {"radii": [0.05, 0.1, 0.2], "rise": [v, 2 * v, 4 * v]}}  # fmt: skip
+    if task == "sentiment":
+        run |= {"acc": {s: 0.7 + v for s in splits}, "train_acc": 1.0, "train_loss": 0.01 + v}
+    return run
+
+
+def test_report_keeps_every_task_and_each_tasks_own_seeds(tmp_path):
+    """A math-only run (fewer seeds) must not drop sentiment from the combined report, nor cut
+    sentiment to math's seed count (the report once covered only the tasks and --seeds of the last run)."""
+    arms = {"sentiment": ["lora", "flat0.05", "flat0.1", "flat0.2", "ref0.2"], "math": ["lora", "flat0.2", "ref0.2"]}
+    seeds = {"sentiment": range(5), "math": range(3)}
+    for task in arms:
+        runs = {f"{a}/{s}": _fake_run(task, a, s) for a in arms[task] for s in seeds[task]}
+        (tmp_path / f"generalization_runs_{task}.json").write_text(json.dumps({"meta": {"task": task}, "runs": runs}))
+    (tmp_path / "generalization_runs_math.json").write_text(json.dumps({"meta": {}, "runs": {
+        **json.loads((tmp_path / "generalization_runs_math.json").read_text())["runs"],
+        "lora/3": _fake_run("math", "lora", 3)}}))  # an unfinished seed: not paired  # fmt: skip
+    merged = report(tmp_path, "generalization", [0.05, 0.1, 0.2], 0.2)
+    assert merged["study_a"]["sentiment"]["seeds"] == [0, 1, 2, 3, 4]
+    assert merged["study_a"]["math"]["seeds"] == [0, 1, 2]
+    assert merged["study_a"]["math"]["margins"] == {"loss/test": 0.01}
+    assert merged["study_b"]["seeds"] == [0, 1, 2, 3, 4]
+    md = (tmp_path / "generalization.md").read_text()
+    assert "### Study A (sentiment)" in md and "### Study A (math)" in md and "### Study B" in md
+    assert "held-out-template CE" in md  # math's split is not labelled as the movie test set
+    assert json.loads((tmp_path / "generalization.json").read_text())["study_a"].keys() == {"sentiment", "math"}
+    assert (tmp_path / "study_a.png").stat().st_size > 0 and (tmp_path / "study_b.png").stat().st_size > 0
 
 
 @pytest.mark.slow
