@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_layer import median_ms  # noqa: E402
 
 
 class Block(nn.Module):
@@ -177,15 +182,7 @@ def component_times(flat: FlatLoRA, device: str, reps: int = 5) -> dict[str, flo
     out = {}
     try:
         for name, fn in parts.items():
-            fn()
-            runs = []
-            for _ in range(reps):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                runs.append(time.perf_counter() - t0)
-            out[name] = statistics.median(runs) * 1e3
+            out[name] = median_ms(fn, torch.device(device), reps)
     finally:
         flat.restore()
     return out
