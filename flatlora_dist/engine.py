@@ -23,7 +23,7 @@ from torch import nn
 
 from . import functional, fused
 from .config import FlatLoRAConfig
-from .inplace import Fixups, NoiseKey, perturb_region, restore_region
+from .inplace import Fixups, NoiseKey, perturb_regions, restore_regions
 from .kernels import scheme_for
 from .norms import reduction_group, row_norms
 from .schedule import noise_factor
@@ -191,22 +191,47 @@ class FlatLoRA:
         return NoiseKey(self.config.seed, step, t.name, t.layout, std[t.offset : t.offset + m], fused_scheme)
 
     def _apply(self, active: _Active, std: torch.Tensor) -> None:
-        """Perturb every target; on failure, undo exactly what was done and re-raise.
+        """The blocks scheme: take every dense target's regions, perturb them all as one stream of noise
+        chunks (``perturb_regions``: all or nothing), close the phases, install the functional targets.
+        When anything fails, no target carries noise as the exception propagates."""
+        keys = {id(t): self._key(t, active.step, std) for t in self.targets}
+        dense = [t for t in self.targets if not self._functional[id(t)]]
+        taken: list[LoraTarget] = []
+        owner: list[int] = []
+        try:
+            jobs = []
+            for t in dense:
+                regions = self._backend_of[id(t)].begin_write(t, Phase.PERTURB)
+                taken.append(t)
+                jobs += [(r, keys[id(t)]) for r in regions]
+                owner += [id(t)] * len(regions)
+            fixes = perturb_regions(jobs)
+        except BaseException:
+            self._release(taken)
+            raise
+        per_target: dict[int, list[Fixups | None]] = {}
+        for o, fix in zip(owner, fixes):
+            per_target.setdefault(o, []).append(fix)
+        self._commit(active, dense, keys, {o: Fixups.merge(f) for o, f in per_target.items()})
+        self._install_functional(active, keys)
 
-        A target's key is recorded only once all its regions carry the noise, so ``_undo`` never
-        subtracts noise that was not added; a target that fails half way is undone on the spot.
-        """
+    def _commit(self, active: _Active, dense: list[LoraTarget], keys: dict[int, NoiseKey],
+                fixups: dict[int, Fixups | None]) -> None:  # fmt: skip
+        """Close the perturb phase of the written ``dense`` targets and record their keys and fix-ups."""
+        for t in dense:
+            self._backend_of[id(t)].end_write(t, Phase.PERTURB)
+            fix = fixups.get(id(t))
+            if fix is not None:
+                active.fixups[id(t)] = fix
+            active.keys[id(t)] = keys[id(t)]
+
+    def _install_functional(self, active: _Active, keys: dict[int, NoiseKey]) -> None:
+        """Install the noise of the functional targets (after the dense ones); on failure undo all."""
         try:
             for t in self.targets:
-                key = self._key(t, active.step, std)
-                backend = self._backend_of[id(t)]
                 if self._functional[id(t)]:
-                    functional.install(backend, t, key)
-                else:
-                    fix = self._perturb_target(backend, t, key)
-                    if fix is not None:
-                        active.fixups[id(t)] = fix
-                active.keys[id(t)] = key
+                    functional.install(self._backend_of[id(t)], t, keys[id(t)])
+                    active.keys[id(t)] = keys[id(t)]
         except BaseException:
             self._undo(active)
             raise
@@ -237,21 +262,8 @@ class FlatLoRA:
         mean, top = _floats(head[1])
         self._stats.update(mean_row_std=mean, max_row_std=top)
         self._std_stats = None  # already on the host
-        for t, p in zip(dense, plans):
-            self._backend_of[id(t)].end_write(t, Phase.PERTURB)
-            fix = fused.fixups(p)
-            if fix is not None:
-                active.fixups[id(t)] = fix
-            active.keys[id(t)] = keys[id(t)]
-        try:
-            for t in self.targets:
-                if self._functional[id(t)]:
-                    functional.install(self._backend_of[id(t)], t, keys[id(t)])
-                    active.keys[id(t)] = keys[id(t)]
-        except BaseException:
-            self._undo(active)
-            raise
-        self._fixup_stats(active)
+        self._commit(active, dense, keys, {id(t): fused.fixups(p) for t, p in zip(dense, plans)})
+        self._install_functional(active, keys)
         return True
 
     def _header(self, finite: torch.Tensor) -> torch.Tensor:
@@ -265,21 +277,6 @@ class FlatLoRA:
         for t in targets:
             self._backend_of[id(t)].abort_write(t)
 
-    @staticmethod
-    def _perturb_target(backend: ShardBackend, t: LoraTarget, key: NoiseKey) -> Fixups | None:
-        regions = backend.begin_write(t, Phase.PERTURB)
-        done: list[tuple] = []
-        try:
-            for r in regions:
-                done.append((r, perturb_region(r, key)))
-        except BaseException:
-            for r, fix in done:  # the same region objects: no restore phase
-                restore_region(r, key, fix)
-            backend.abort_write(t)
-            raise
-        backend.end_write(t, Phase.PERTURB)
-        return Fixups.merge([fix for _, fix in done])
-
     @torch.no_grad()
     def restore(self) -> None:
         """Remove the noise; every base weight is bitwise what it was before ``perturb``."""
@@ -289,19 +286,28 @@ class FlatLoRA:
         self._undo(active)
 
     def _undo(self, active: _Active) -> None:
+        """Remove the noise of every target in ``active.keys``: the blocks scheme's regions as one stream
+        (``restore_regions``), the fused scheme's region by region, functional targets uninstalled."""
+        opened: list[LoraTarget] = []
+        jobs = []
         for t in self.targets:
             key = active.keys.get(id(t))
             if key is None:
                 continue
-            backend = self._backend_of[id(t)]
             if self._functional[id(t)]:
                 functional.uninstall(t)
                 continue
             fix = active.fixups.get(id(t))
-            restore = fused.restore_region if key.fused else restore_region
-            for r in backend.begin_write(t, Phase.RESTORE):
-                restore(r, key, fix)
-            backend.end_write(t, Phase.RESTORE)
+            regions = self._backend_of[id(t)].begin_write(t, Phase.RESTORE)
+            opened.append(t)
+            if key.fused:
+                for r in regions:
+                    fused.restore_region(r, key, fix)
+            else:
+                jobs += [(r, key, fix) for r in regions]
+        restore_regions(jobs)
+        for t in opened:
+            self._backend_of[id(t)].end_write(t, Phase.RESTORE)
 
     @contextmanager
     def perturbed(self, step: int) -> Iterator[FlatLoRA]:

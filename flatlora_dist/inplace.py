@@ -10,7 +10,9 @@ is kept between the two halves.  Transient memory: a few tensors of one noise ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -18,7 +20,7 @@ from . import native as _native
 from . import roundtrip
 from .kernels import load_ops
 from .layout import RowLayout
-from .noise import key_seed, noise_chunks
+from .noise import key_seed, noise_chunks, run_ordered
 from .shards import Region
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -159,13 +161,63 @@ def perturb_region(region: Region, key: NoiseKey, native: bool | None = None) ->
 
     ``native``: use the fused C pass (``roundtrip.py``); ``None`` = when available (see ``_kernels``).
     """
+    return perturb_regions([(region, key)], native)[0]
+
+
+def perturb_regions(jobs: list[tuple[Region, NoiseKey]], native: bool | None = None) -> list[Fixups | None]:
+    """``perturb_region`` for every ``(region, key)``, returning their fix-ups in order.
+
+    The native jobs' chunks run as one stream on the draw threads (no draining between regions: a step
+    has hundreds of weights of a few blocks each).  All or nothing: when anything fails, every chunk
+    already written is restored before the exception propagates, so the regions hold the clean weight.
+    """
+    out: list[Fixups | None] = [None] * len(jobs)
+    written: list[tuple[Region, NoiseKey, Fixups | None]] = []  # what to undo on failure
+    stream: list[tuple[int, Callable]] = []
+    done: list = []  # per stream task: filled by the task itself, so an undo sees every write
+    try:
+        for i, (region, key) in enumerate(jobs):
+            if region.tensor.numel() == 0:
+                continue
+            lib = _kernels(region, key, native)
+            if lib is None:
+                out[i] = _perturb_torch(region, key)
+                written.append((region, key, out[i]))
+            else:
+                stream += [(i, task) for task in roundtrip.perturb_tasks(lib, region, key)]
+        done += [None] * len(stream)
+
+        def run(j: int, task: Callable):
+            done[j] = task()
+
+        for _ in run_ordered([partial(run, j, task) for j, (_, task) in enumerate(stream)]):
+            pass
+    except BaseException:
+        for j, res in enumerate(done):
+            if res is not None:
+                lo, n, rec = res
+                region, key = jobs[stream[j][0]]
+                written.append((_sub(region, lo, n), key, None if rec is None else Fixups(*rec)))
+        restore_regions(written, native)
+        raise
+    chunks: dict[int, list] = {}
+    for (i, _), (_, _, rec) in zip(stream, done):
+        chunks.setdefault(i, []).append(rec)
+    for i, recs in chunks.items():
+        records = roundtrip.concat(recs)
+        out[i] = None if records is None else Fixups(*records)
+    return out
+
+
+def _sub(region: Region, lo: int, n: int) -> Region:
+    """Global elements ``[lo, lo + n)`` of ``region`` as a region of their own."""
+    off = lo - region.start
+    return Region(region.tensor[off : off + n], lo)
+
+
+def _perturb_torch(region: Region, key: NoiseKey) -> Fixups | None:
+    """The torch path of ``perturb_region`` (several passes per chunk; any device and dtype)."""
     t = region.tensor
-    if t.numel() == 0:
-        return None
-    lib = _kernels(region, key, native)
-    if lib is not None:
-        records = roundtrip.perturb(lib, region, key)
-        return None if records is None else Fixups(*records)
     cd = compute_dtype(t.dtype)
     records: list[tuple[torch.Tensor, ...]] = []
     for lo, e in key.chunks(region.start, region.stop, t.device):
@@ -201,16 +253,30 @@ def _records(bad: torch.Tensor, bw: torch.Tensor, bb: torch.Tensor, w: torch.Ten
 def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None, native: bool | None = None) -> None:
     """Undo ``perturb_region`` bit-exactly: subtract the regenerated noise, then patch the fix-ups
     (``native`` as in ``perturb_region``; either path restores what either path perturbed)."""
+    restore_regions([(region, key, fixups)], native)
+
+
+def restore_regions(jobs: list[tuple[Region, NoiseKey, Fixups | None]], native: bool | None = None) -> None:
+    """``restore_region`` for every ``(region, key, fixups)``; the native jobs' chunks as one stream."""
+    stream = []
+    for region, key, _ in jobs:
+        if region.tensor.numel() == 0:
+            continue
+        lib = _kernels(region, key, native)
+        if lib is None:
+            _restore_noise(region, key)
+        else:
+            stream += roundtrip.restore_tasks(lib, region, key)
+    for _ in run_ordered(stream):
+        pass
+    for region, key, fixups in jobs:
+        if fixups is not None and region.tensor.numel():
+            _patch(region, key, fixups)
+
+
+def _patch(region: Region, key: NoiseKey, fixups: Fixups) -> None:
+    """Apply the fix-ups that fall in ``region`` (after the noise was subtracted)."""
     t = region.tensor
-    if t.numel() == 0:
-        return
-    lib = _kernels(region, key, native)
-    if lib is not None:
-        roundtrip.restore_noise(lib, region, key)
-    else:
-        _restore_noise(region, key)
-    if fixups is None:
-        return
     bits = _bits(t)
     li, xor = _inside(region, key, fixups.index, fixups.xor)
     if li.numel():

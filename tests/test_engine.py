@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flatlora_dist import FlatLoRA, FlatLoRAConfig
+from flatlora_dist import FlatLoRA, FlatLoRAConfig, native
 from flatlora_dist.noise import NOISE_BLOCK
 
 
@@ -291,27 +291,42 @@ def test_backend_write_phases_follow_the_engine(tiny):
     assert backend._state == {}
 
 
-def test_failed_perturb_closes_every_phase(tiny, monkeypatch):
-    """A write that fails half way (third target) undoes the targets done, aborts the failing one, and
-    leaves every target clean: the next perturb/restore pair works and the base is bitwise unchanged."""
-    import flatlora_dist.engine as engine
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_failed_perturb_closes_every_phase(tiny, monkeypatch, path):
+    """A write that fails half way (third region of the step's stream) undoes what was written, aborts
+    every phase, and leaves every target clean: the next perturb/restore pair works and the base is
+    bitwise unchanged.  ``native``: a chunk task of the C pass fails; ``torch``: the torch path fails."""
+    from flatlora_dist import inplace, roundtrip
 
+    if path == "native" and native.load() is None:
+        pytest.skip("native kernels unavailable (FLATLORA_NATIVE=off or no compiler)")
+    if path == "torch":
+        monkeypatch.setenv(native.ENV, "off")
     before = fingerprint(tiny)
     flat = FlatLoRA(tiny, FlatLoRAConfig(sigma=0.05, total_steps=10, schedule="constant"))
     (backend,) = flat._backends.values()
-    real, done = engine.perturb_region, []
+    made = []
 
-    def fails_third(region, key):
-        if len(done) == 2:
-            raise OSError("device lost")
-        done.append(key.name)
-        return real(region, key)
+    def third_fails(real):
+        def wrapped(*args):
+            made.append(None)
+            if len(made) == 3:
+                raise OSError("device lost")
+            return real(*args)
 
-    monkeypatch.setattr(engine, "perturb_region", fails_third)
+        return wrapped
+
+    if path == "native":
+        real_tasks = roundtrip.perturb_tasks
+        monkeypatch.setattr(roundtrip, "perturb_tasks", lambda *a: [third_fails(t) for t in real_tasks(*a)])
+    else:
+        monkeypatch.setattr(inplace, "_perturb_torch", third_fails(inplace._perturb_torch))
     with pytest.raises(OSError, match="device lost"):
         flat.perturb(3)
-    assert backend._state == {} and not flat.is_perturbed and fingerprint(tiny) == before
-    monkeypatch.setattr(engine, "perturb_region", real)
+    assert len(made) >= 3 and backend._state == {} and not flat.is_perturbed and fingerprint(tiny) == before
+    monkeypatch.undo()
+    if path == "torch":
+        monkeypatch.setenv(native.ENV, "off")
     flat.perturb(3)
     assert fingerprint(tiny) != before
     flat.restore()
