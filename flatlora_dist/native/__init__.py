@@ -1,8 +1,9 @@
-"""The CPU round-trip kernels (``roundtrip.c``): built with the system C compiler, cached on disk, loaded
-with ctypes.  No torch headers, no Python extension API: the library takes raw pointers, so it compiles
-in well under a second and any CPU build of torch can call it.
+"""The CPU kernels: the blocks scheme's fused perturb/restore pass (``roundtrip.c``) and the row norms'
+partial sums (``row_sumsq.c``), built with the system C compiler into one library, cached on disk,
+loaded with ctypes.  No torch headers, no Python extension API: the library takes raw pointers, so it
+compiles in about a second and any CPU build of torch can call it.
 
-* Built once per (source, flags, compiler, CPU) — the library's file name carries a hash of all four —
+* Built once per (sources, flags, compiler, CPU) — the library's file name carries a hash of all four —
   into ``$FLATLORA_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/flatlora_dist`` or ``~/.cache/flatlora_dist``).
   Concurrent first uses (test processes, ranks) serialise on a file lock; the library appears by an
   atomic rename, so a reader never sees half a file.  ``make install`` builds it ahead of use.
@@ -27,7 +28,8 @@ import warnings
 from pathlib import Path
 
 ENV = "FLATLORA_NATIVE"
-SOURCE = Path(__file__).with_name("roundtrip.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("roundtrip.c", "row_sumsq.c"))
+HEADERS = (Path(__file__).with_name("storage.h"),)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 
 _LOCK = threading.Lock()
@@ -67,10 +69,12 @@ def _cpu_id() -> str:
 
 def library_path(cc: str) -> Path:
     """The cached library's path for compiler ``cc``: named by a hash of source, flags, compiler, CPU."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update(f.read_bytes() + b"\x1e")
     for part in (" ".join(FLAGS), cc, _cpu_id()):
         h.update(b"\x1f" + part.encode())
-    return cache_dir() / f"roundtrip-{h.hexdigest()[:16]}.so"
+    return cache_dir() / f"kernels-{h.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -91,9 +95,10 @@ def build() -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
         os.close(fd)
         try:
-            res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            res = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+                names = ", ".join(f.name for f in SOURCES)
+                raise RuntimeError(f"{cc} failed to build {names}:\n{res.stderr[-2000:]}")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -108,6 +113,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.flatlora_perturb.restype = i32
     lib.flatlora_restore.argtypes = [i32, vp, vp, vp, i64, i64, i64, i32]
     lib.flatlora_restore.restype = i32
+    i64s, fl = [i64] * 4, ctypes.c_float
+    lib.flatlora_row_sumsq.argtypes = [i32, vp, *i64s, i32, vp, vp, i64, fl, vp]
+    lib.flatlora_row_sumsq.restype = i32
     return lib
 
 
@@ -125,9 +133,9 @@ def load() -> ctypes.CDLL | None:
             except (RuntimeError, OSError, ImportError) as e:
                 _FAILED = f"{type(e).__name__}: {e}"
                 if mode == "auto":
-                    warnings.warn(f"flatlora_dist: CPU round-trip kernels unavailable, using torch ops ({_FAILED})",
+                    warnings.warn(f"flatlora_dist: CPU native kernels unavailable, using torch ops ({_FAILED})",
                                   RuntimeWarning, stacklevel=2)  # fmt: skip
     if _LIB is None and mode == "on":
-        raise RuntimeError(f"{ENV}=on but the CPU round-trip kernels cannot be built: {_FAILED}; "
+        raise RuntimeError(f"{ENV}=on but the CPU native kernels cannot be built: {_FAILED}; "
                            f"install a C compiler (gcc) or set {ENV}=auto")  # fmt: skip
     return _LIB

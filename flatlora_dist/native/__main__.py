@@ -1,4 +1,4 @@
-"""``python -m flatlora_dist.native``: build the CPU round-trip kernels ahead of use (``make install``)."""
+"""``python -m flatlora_dist.native``: build the CPU native kernels ahead of use (``make install``)."""
 
 from . import build
 

@@ -11,20 +11,7 @@
  * Storage types: 0 = float32, 1 = bfloat16 (round to nearest even by bit operations, as c10 does),
  * 2 = float16 (_Float16 conversions: IEEE round to nearest even).
  */
-#include <stdint.h>
-#include <string.h>
-
-static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-static inline float bf16_load(uint16_t h) { return bits_f32((uint32_t)h << 16); }
-static inline uint16_t bf16_round(float f) {
-    uint32_t u = f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as c10::BFloat16 */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float f16_load(uint16_t h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
-static inline uint16_t f16_round(float f) { _Float16 x = (_Float16)f; uint16_t h; memcpy(&h, &x, 2); return h; }
+#include "storage.h"
 
 typedef struct {
     void *idx;       /* narrow records: index (int32 or int64) */
