@@ -20,7 +20,7 @@ from . import native as _native
 from . import roundtrip
 from .kernels import load_ops
 from .layout import RowLayout
-from .noise import key_seed, noise_chunks, run_ordered
+from .noise import Scratch, key_seed, noise_chunks, run_ordered
 from .shards import Region
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -175,6 +175,7 @@ def perturb_regions(jobs: list[tuple[Region, NoiseKey]], native: bool | None = N
     written: list[tuple[Region, NoiseKey, Fixups | None]] = []  # what to undo on failure
     stream: list[tuple[int, Callable]] = []
     done: list = []  # per stream task: filled by the task itself, so an undo sees every write
+    scratch = Scratch()
     try:
         for i, (region, key) in enumerate(jobs):
             if region.tensor.numel() == 0:
@@ -184,7 +185,7 @@ def perturb_regions(jobs: list[tuple[Region, NoiseKey]], native: bool | None = N
                 out[i] = _perturb_torch(region, key)
                 written.append((region, key, out[i]))
             else:
-                stream += [(i, task) for task in roundtrip.perturb_tasks(lib, region, key)]
+                stream += [(i, task) for task in roundtrip.perturb_tasks(lib, region, key, scratch)]
         done += [None] * len(stream)
 
         def run(j: int, task: Callable):
@@ -258,7 +259,7 @@ def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None, native:
 
 def restore_regions(jobs: list[tuple[Region, NoiseKey, Fixups | None]], native: bool | None = None) -> None:
     """``restore_region`` for every ``(region, key, fixups)``; the native jobs' chunks as one stream."""
-    stream = []
+    stream, scratch = [], Scratch()
     for region, key, _ in jobs:
         if region.tensor.numel() == 0:
             continue
@@ -266,7 +267,7 @@ def restore_regions(jobs: list[tuple[Region, NoiseKey, Fixups | None]], native: 
         if lib is None:
             _restore_noise(region, key)
         else:
-            stream += roundtrip.restore_tasks(lib, region, key)
+            stream += roundtrip.restore_tasks(lib, region, key, scratch)
     for _ in run_ordered(stream):
         pass
     for region, key, fixups in jobs:

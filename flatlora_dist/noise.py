@@ -83,36 +83,46 @@ def _pool() -> ThreadPoolExecutor | None:
         return _POOL
 
 
-def _scratch(device: torch.device) -> torch.Tensor:
-    """This thread's reusable ``NOISE_BLOCK`` float32 buffer on ``device``.
+class Scratch:
+    """Reusable buffers for one stream of chunk tasks, one set per thread, freed with the object.
 
-    Why: a fresh 1 MiB tensor per block costs page faults (glibc maps blocks this size anew), which on
-    CPU made two draw threads only 1.3x faster than one instead of 1.9x."""
-    bufs = getattr(_LOCAL, "bufs", None)
-    if bufs is None:
-        bufs = _LOCAL.bufs = {}
-    key = str(device)
-    buf = bufs.get(key)
-    if buf is None:
-        buf = bufs[key] = torch.empty(NOISE_BLOCK, dtype=torch.float32, device=device)
-    return buf
+    Why: a fresh 1 MiB tensor per noise block (and a few MiB of record buffers per chunk) costs page
+    faults, since glibc maps blocks this size anew; on CPU that made two draw threads only 1.3x faster
+    than one instead of 1.9x.  Scoped to one perturb or restore call, so nothing stays allocated
+    between the phases of a step (where activations need the memory).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The calling thread's buffer ``name`` as a tensor of ``numel`` elements (contents undefined)."""
+        key = (threading.get_ident(), name, dtype, str(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:  # distinct keys per thread: no lock needed
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def draw_block(
-    seed: int, step: int, name: str, block: int, numel: int, device: torch.device, scratch: bool = False
+    seed: int, step: int, name: str, block: int, numel: int, device: torch.device, scratch: Scratch | None = None
 ) -> torch.Tensor:
     """Block ``block`` of a weight with ``numel`` elements: float32, shape (block_len,), on ``device``.
 
-    ``scratch``: draw into this thread's reusable buffer (same values, no allocation); the result is
-    then only valid until the thread's next scratch draw."""
+    ``scratch``: draw into the calling thread's ``noise`` buffer there (same values, no allocation); the
+    result is then only valid until the thread's next draw into it."""
     lo = block * NOISE_BLOCK
     length = min(NOISE_BLOCK, numel - lo)
     if length <= 0:
         raise ValueError(f"block {block} lies past the end of a weight of {numel} elements")
     gen = _generator(device)
     gen.manual_seed(block_seed(seed, step, name, block))
-    if scratch:  # normal_ on a contiguous float32 tensor is what randn does after allocating
-        return _scratch(device)[:length].normal_(generator=gen)
+    if scratch is not None:  # normal_ on a contiguous float32 tensor is what randn does after allocating
+        return scratch.get("noise", NOISE_BLOCK, torch.float32, device)[:length].normal_(generator=gen)
     return torch.randn(length, generator=gen, device=device, dtype=torch.float32)
 
 
@@ -140,12 +150,12 @@ def noise_chunks(
 
 def noise_tasks(
     seed: int, step: int, name: str, numel: int, start: int, stop: int, device: torch.device,
-    fn: Callable[[int, torch.Tensor], T], scratch: bool = False,
+    fn: Callable[[int, torch.Tensor], T], scratch: Scratch | None = None,
 ) -> list[Callable[[], T]]:  # fmt: skip
     """One zero-argument task per chunk of ``noise_chunks``: draw the block, return ``fn(chunk_start, values)``.
 
-    ``scratch``: ``values`` lives in the running thread's reusable buffer, so ``fn`` must not keep it
-    (nor return a view of it); saves an allocation per block.  Run them with ``run_ordered``.
+    ``scratch``: ``values`` lives in the running thread's buffer there, so ``fn`` must not keep it (nor
+    return a view of it); saves an allocation per block.  Run them with ``run_ordered``.
     """
     if not 0 <= start <= stop <= numel:
         raise ValueError(f"range [{start}, {stop}) is outside a weight of {numel} elements")
@@ -193,7 +203,7 @@ def run_ordered(tasks: Iterable[Callable[[], T]], parallel: bool = True) -> Iter
 
 def map_noise_chunks(
     seed: int, step: int, name: str, numel: int, start: int, stop: int, device: torch.device,
-    fn: Callable[[int, torch.Tensor], T], scratch: bool = False,
+    fn: Callable[[int, torch.Tensor], T], scratch: Scratch | None = None,
 ) -> Iterator[T]:  # fmt: skip
     """Yield ``fn(chunk_start, values)`` for each chunk of ``noise_chunks``, in order.
 

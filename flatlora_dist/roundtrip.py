@@ -15,12 +15,11 @@ Storage dtypes: float32, bfloat16, float16, contiguous CPU tensors; anything els
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Callable
 
 import torch
 
-from .noise import noise_tasks
+from .noise import NOISE_BLOCK, Scratch, noise_tasks
 from .shards import Region
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -28,6 +27,8 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 Records = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(index, xor, full_index, full_values)``: the fields of ``inplace.Fixups``."""
+Chunk = tuple[int, int, "Records | None"]
+"""What a perturb task returns: ``(chunk_start, chunk_len, records or None)``."""
 
 
 def supports(tensor: torch.Tensor, std: torch.Tensor) -> bool:
@@ -48,39 +49,24 @@ def _std(key, device: torch.device) -> torch.Tensor:
     return key.std.to(device=device, dtype=torch.float32).contiguous()
 
 
-class _Scratch(threading.local):
-    """Per draw thread: record buffers of one chunk's capacity, reused (allocating ~3.5 MiB per chunk
-    cost page faults that showed in the perturb time)."""
-
-    def take(self, n: int, itype: torch.dtype, vtype: torch.dtype, wide: bool) -> tuple[torch.Tensor, ...]:
-        key = (itype, vtype, wide)
-        bufs = self.__dict__.setdefault("bufs", {})
-        have = bufs.get(key)
-        if have is None or have[0].numel() < n:
-            m = n if wide else 0
-            have = bufs[key] = (torch.empty(n, dtype=itype), torch.empty(n, dtype=torch.int16),
-                                torch.empty(m, dtype=itype), torch.empty(m, dtype=vtype),
-                                torch.zeros(2, dtype=torch.int64))  # fmt: skip
-        return have
-
-
-_SCRATCH = _Scratch()
-
-
-def perturb_tasks(lib: ctypes.CDLL, region: Region, key) -> list[Callable[[], tuple[int, int, Records | None]]]:
+def perturb_tasks(lib: ctypes.CDLL, region: Region, key, scratch: Scratch) -> list[Callable[[], Chunk]]:
     """One task per noise chunk of ``region``: add ``key``'s noise to the chunk in place and return
     ``(chunk_start, chunk_len, records)`` (``records``: ``None`` when the round trip is exact there).
-    Index dtype: int32 for weights under 2^31 elements, else int64.  Run with ``noise.run_ordered``."""
+    Index dtype: int32 for weights under 2^31 elements, else int64.  Noise and record buffers come from
+    ``scratch``.  Run with ``noise.run_ordered``."""
     t, layout = region.tensor, key.layout
     code, std = DTYPE_CODES[t.dtype], _std(key, t.device)
     idx64 = layout.numel >= 2**31
     itype = torch.int64 if idx64 else torch.int32
     wide_cap = t.element_size() > 2  # 2-byte types: every xor fits in 16 bits
 
-    def chunk(lo: int, z: torch.Tensor) -> tuple[int, int, Records | None]:
+    def chunk(lo: int, z: torch.Tensor) -> Chunk:
         n, off = z.numel(), lo - region.start
         w = t[off : off + n]
-        idx, xor, fidx, fval, counts = _SCRATCH.take(n, itype, t.dtype, wide_cap)
+        cap, wide = NOISE_BLOCK, NOISE_BLOCK if wide_cap else 0
+        idx, xor = scratch.get("idx", cap, itype), scratch.get("xor", cap, torch.int16)
+        fidx, fval = scratch.get("fidx", wide, itype), scratch.get("fval", wide, t.dtype)
+        counts = scratch.get("counts", 2, torch.int64)
         rc = lib.flatlora_perturb(code, _ptr(w), _ptr(z), _ptr(std), n, lo, layout.cols, layout.out_axis,
                                   int(idx64), _ptr(idx), _ptr(xor), _ptr(fidx), _ptr(fval), _ptr(counts))  # fmt: skip
         if rc != 0:
@@ -90,12 +76,12 @@ def perturb_tasks(lib: ctypes.CDLL, region: Region, key) -> list[Callable[[], tu
             return lo, n, None
         return lo, n, (idx[:nn].clone(), xor[:nn].clone(), fidx[:nw].clone(), fval[:nw].clone())
 
-    return _tasks(region, key, chunk)
+    return _tasks(region, key, chunk, scratch)
 
 
-def restore_tasks(lib: ctypes.CDLL, region: Region, key) -> list[Callable[[], None]]:
+def restore_tasks(lib: ctypes.CDLL, region: Region, key, scratch: Scratch) -> list[Callable[[], None]]:
     """One task per noise chunk of ``region``: subtract ``key``'s noise in place (``round(w - e)``; the
-    fix-ups are not applied).  Run with ``noise.run_ordered``."""
+    fix-ups are not applied); noise buffers from ``scratch``.  Run with ``noise.run_ordered``."""
     t, layout = region.tensor, key.layout
     code, std = DTYPE_CODES[t.dtype], _std(key, t.device)
 
@@ -106,7 +92,7 @@ def restore_tasks(lib: ctypes.CDLL, region: Region, key) -> list[Callable[[], No
         if rc != 0:
             raise RuntimeError(f"roundtrip.c: flatlora_restore returned {rc} for dtype {t.dtype}")
 
-    return _tasks(region, key, chunk)
+    return _tasks(region, key, chunk, scratch)
 
 
 def concat(parts: list[Records | None]) -> Records | None:
@@ -117,7 +103,7 @@ def concat(parts: list[Records | None]) -> Records | None:
     return tuple(torch.cat(field) for field in zip(*parts))  # type: ignore[return-value]
 
 
-def _tasks(region: Region, key, fn):
+def _tasks(region: Region, key, fn, scratch: Scratch):
     """``fn(chunk_start, z)`` tasks over the raw standard-normal blocks covering the region (scratch draws)."""
     return noise_tasks(key.seed, key.step, key.name, key.layout.numel, region.start, region.stop,
-                       region.tensor.device, fn, scratch=True)  # fmt: skip
+                       region.tensor.device, fn, scratch)  # fmt: skip

@@ -169,8 +169,29 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "native_bf16_rounds_down",
         "the C kernel truncates float32 to bfloat16 instead of rounding to nearest even",
-        (("flatlora_dist/native/roundtrip.c",
+        (("flatlora_dist/native/storage.h",
           "return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);",
           "return (uint16_t)(u >> 16);"),),
+    ),
+    Mutant(
+        "native_norm_chunks_at_target_start",
+        "each chunk's partial row sums are added at the target's first row instead of the chunk's",
+        (("flatlora_dist/norms.py",
+          "out[first_row : first_row + part.numel()] += part",
+          "out[: part.numel()] += part"),),
+    ),
+    Mutant(
+        "native_norm_scaling_dropped",
+        "the C row-norm kernel adds B.A without the adapter scaling s",
+        (("flatlora_dist/native/row_sumsq.c",
+          "vec v = vload(x + j) + s * d;",
+          "vec v = vload(x + j) + d;"),),
+    ),
+    Mutant(
+        "failed_stream_not_undone",
+        "a perturbation failing mid-stream leaves the chunks already written carrying noise",
+        (("flatlora_dist/inplace.py",
+          "        restore_regions(written, native)\n        raise",
+          "        raise"),),
     ),
 ]  # fmt: skip
