@@ -61,7 +61,7 @@ def draw_all(flat: FlatLoRA, step: int) -> None:
     for t in flat.targets:
         n = t.layout.numel
         tasks += noise_tasks(flat.config.seed, step, t.name, n, 0, n, "cpu", lambda lo, z: None, scratch)
-    for _ in run_ordered(tasks):  # one stream over all weights, as perturb and restore run
+    for _ in run_ordered(tasks, parallel=True):  # one stream over all weights, as perturb and restore run
         pass
 
 

@@ -20,7 +20,7 @@ from . import native as _native
 from . import roundtrip
 from .kernels import load_ops
 from .layout import RowLayout
-from .noise import Scratch, key_seed, noise_chunks, run_ordered
+from .noise import Scratch, key_seed, noise_chunks, run_ordered, threads_pay
 from .shards import Region
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -175,7 +175,7 @@ def perturb_regions(jobs: list[tuple[Region, NoiseKey]], native: bool | None = N
     written: list[tuple[Region, NoiseKey, Fixups | None]] = []  # what to undo on failure
     stream: list[tuple[int, Callable]] = []
     done: list = []  # per stream task: filled by the task itself, so an undo sees every write
-    scratch = Scratch()
+    scratch, numel = Scratch(), 0
     try:
         for i, (region, key) in enumerate(jobs):
             if region.tensor.numel() == 0:
@@ -186,12 +186,13 @@ def perturb_regions(jobs: list[tuple[Region, NoiseKey]], native: bool | None = N
                 written.append((region, key, out[i]))
             else:
                 stream += [(i, task) for task in roundtrip.perturb_tasks(lib, region, key, scratch)]
+                numel += region.tensor.numel()
         done += [None] * len(stream)
 
         def run(j: int, task: Callable):
             done[j] = task()
 
-        for _ in run_ordered([partial(run, j, task) for j, (_, task) in enumerate(stream)]):
+        for _ in run_ordered([partial(run, j, task) for j, (_, task) in enumerate(stream)], threads_pay(numel)):
             pass
     except BaseException:
         for j, res in enumerate(done):
@@ -259,7 +260,7 @@ def restore_region(region: Region, key: NoiseKey, fixups: Fixups | None, native:
 
 def restore_regions(jobs: list[tuple[Region, NoiseKey, Fixups | None]], native: bool | None = None) -> None:
     """``restore_region`` for every ``(region, key, fixups)``; the native jobs' chunks as one stream."""
-    stream, scratch = [], Scratch()
+    stream, scratch, numel = [], Scratch(), 0
     for region, key, _ in jobs:
         if region.tensor.numel() == 0:
             continue
@@ -268,7 +269,8 @@ def restore_regions(jobs: list[tuple[Region, NoiseKey, Fixups | None]], native: 
             _restore_noise(region, key)
         else:
             stream += roundtrip.restore_tasks(lib, region, key, scratch)
-    for _ in run_ordered(stream):
+            numel += region.tensor.numel()
+    for _ in run_ordered(stream, threads_pay(numel)):
         pass
     for region, key, fixups in jobs:
         if fixups is not None and region.tensor.numel():

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import native
 from .kernels import load_ops
-from .noise import run_ordered
+from .noise import run_ordered, threads_pay
 from .roundtrip import DTYPE_CODES
 from .shards import ShardBackend
 from .targets import LoraTarget
@@ -76,7 +76,8 @@ def _accumulate_native(lib, backend: ShardBackend, targets: list[LoraTarget], fa
                 if v.numel():
                     yield partial(_chunk_sumsq, lib, t.layout, a, bo, s, start, v, out)
 
-    for out, first_row, part in run_ordered(tasks()):
+    parallel = threads_pay(sum(t.layout.numel for t in targets))  # global sizes: an upper bound per rank
+    for out, first_row, part in run_ordered(tasks(), parallel):
         out[first_row : first_row + part.numel()] += part
     if local is not acc:
         acc += local.to(acc.device)

@@ -129,7 +129,7 @@ def test_run_ordered_keeps_order_and_bounds_in_flight(monkeypatch):
             yield lambda i=i: task(i)
 
     seen = []
-    for r in noise.run_ordered(tasks()):
+    for r in noise.run_ordered(tasks(), parallel=True):
         seen.append(r)
         assert taken[0] - len(seen) <= noise.CPU_DRAW_THREADS + 1
     assert seen == list(range(40)) and peak[0] <= 2

@@ -68,7 +68,7 @@ def _cpu_id() -> str:
 
 
 def library_path(cc: str) -> Path:
-    """The cached library's path for compiler ``cc``: named by a hash of source, flags, compiler, CPU."""
+    """The cached library's path for compiler ``cc``: named by a hash of sources, flags, compiler, CPU."""
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update(f.read_bytes() + b"\x1e")
