@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,25 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from overhead import build, machine  # noqa: E402
+from overhead import build, machine, native_mode  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
 
-from flatlora_dist import FlatLoRA, FlatLoRAConfig, native  # noqa: E402
+from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
 from flatlora_dist.noise import Scratch, noise_tasks, run_ordered  # noqa: E402
 from flatlora_dist.norms import row_norms  # noqa: E402
-
-
-@contextmanager
-def native_off():
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = "off"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(native.ENV)
-        else:
-            os.environ[native.ENV] = old
 
 
 def draw_all(flat: FlatLoRA, step: int) -> None:
@@ -110,7 +95,7 @@ def main() -> None:
     items = {
         "norms": lambda acc: timed("norms", norms, acc),
         "flat": lambda acc: flat_pair("flat", acc),
-        "flat_torch": lambda acc: _off(flat_pair, "flat_torch", acc),
+        "flat_torch": lambda acc: _native_off(flat_pair, "flat_torch", acc),
         "reference": ref_pair,
         "draw_floor": lambda acc: timed("draw_floor", lambda: draw_all(flat, 10**6 + step[0]), acc),
     }
@@ -142,8 +127,8 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def _off(fn, *a) -> None:
-    with native_off():
+def _native_off(fn, *a) -> None:
+    with native_mode("off"):
         fn(*a)
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import fingerprint, tiny_llama
+from conftest import fingerprint, randomise_lora_b, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -82,10 +82,7 @@ class TwoLinears(nn.Module):
 def _two_linears():
     torch.manual_seed(0)
     model = get_peft_model(TwoLinears(), LoraConfig(r=4, target_modules=["lin", "conv"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    randomise_lora_b(model)
     return model
 
 
