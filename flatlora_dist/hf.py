@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -58,9 +59,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .config import FlatLoRAConfig
 from .engine import FlatLoRA
+from .targets import find_targets
+from .trace import NoiseTrace, trace_path
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +123,7 @@ class FlatLoRACallback(TrainerCallback):
         self._hook: Any = None
         self._scheduler: Any = None
         self._rewind: tuple[dict, list[float]] | None = None  # set when this step's update is dropped
+        self._trace: NoiseTrace | None = None  # FLATLORA_TRACE (flatlora_dist.trace)
 
     @classmethod
     def attach(cls, trainer, config: FlatLoRAConfig | None = None, **kwargs: Any) -> FlatLoRACallback:
@@ -127,8 +132,32 @@ class FlatLoRACallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, cb)
         return cb
 
+    def _go_first(self) -> None:
+        """Move this callback to the front of the ``CallbackHandler`` that is calling it.
+
+        transformers puts ``Trainer(callbacks=[...])`` after its reporting callbacks and passes callbacks
+        no handle on the list, so the handler is found as the ``self`` of the calling frame
+        (``CallbackHandler.call_event``).  Moving an element that was already called to the front leaves
+        the handler's running loop calling every later callback once.  Where no handler is found (a
+        callback driven by hand) nothing changes."""
+        frame = sys._getframe(1)
+        for _ in range(4):
+            frame = frame.f_back
+            if frame is None:
+                return
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler):
+                if handler.callbacks and handler.callbacks[0] is not self and self in handler.callbacks:
+                    handler.callbacks.remove(self)
+                    handler.callbacks.insert(0, self)
+                return
+
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self._go_first()  # also when added with trainer.add_callback after the Trainer was built
         if self.flat is None and self.config.sigma > 0:
             if model is None:
                 raise ValueError("FlatLoRACallback needs the Trainer's model (on_train_begin got none)")
@@ -144,12 +173,20 @@ class FlatLoRACallback(TrainerCallback):
         if optimizer is not None:  # the Trainer always passes it; a callback driven by hand may have none
             self._hook = innermost_optimizer(optimizer).register_step_pre_hook(self._before_update)
         self._scheduler = lr_scheduler
+        path = trace_path()
+        if path is not None and model is not None:
+            if self._trace is None:
+                self._trace = NoiseTrace(path, self.flat.targets if self.flat is not None else find_targets(model))
+            self._trace.begin(int(state.global_step))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._rewind = None
         self._restore()
         if self.flat is not None:
             self.flat.perturb(int(state.global_step))
+        if self._trace is not None:
+            factor = self.flat.stats()["factor"] if self.flat is not None else 0.0
+            self._trace.start_step(int(state.global_step), self.config.sigma, factor)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._restore()
@@ -170,6 +207,8 @@ class FlatLoRACallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+        if self._trace is not None:
+            self._trace.end()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -19,6 +19,11 @@ from flatlora_dist.train.model import TINY_LLAMA_SHAPE  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# tests/integrations/<tool>/ run only inside that tool's own environment (make test-integrations sets
+# FLATLORA_INTEGRATION=<tool>); the main suite collects none of them.
+_TOOL = os.environ.get("FLATLORA_INTEGRATION", "")
+collect_ignore_glob = [f"integrations/{d}/*" for d in ("axolotl", "llamafactory") if d != _TOOL]
+
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
