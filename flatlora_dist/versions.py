@@ -1,9 +1,11 @@
-"""The dependency versions this project is tested with, and one warning for an untested major version.
+"""The dependency versions this project is tested with, and one warning for a version outside that range.
 
-``pyproject.toml``'s lower bounds are the versions CI installs (``TESTED``); pip enforces those.  A
-*newer* major version (for 0.x packages: a newer minor, which semver treats as breaking) installs
-fine but has never run our tests, so ``import flatlora_dist`` warns once per such package.  Nothing
-is imported to find a version: the installed distributions' metadata is read.
+CI runs the suite on two stacks: the floor (``pyproject.toml``'s lower bounds, which pip enforces) and
+the newest (the lock ``make install`` installs).  A version of a *newer* breaking series than the newest
+tested (a newer major; for 0.x packages a newer minor, which semver treats as breaking) installs fine
+but has never run our tests, and neither has one below the floor (pip refuses those unless forced), so
+``import flatlora_dist`` warns once, naming every such package.  Nothing is imported to find a
+version: the installed distributions' metadata is read.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import warnings
 from importlib import metadata
 
 TESTED = {
-    "torch": "2.13.0",
-    "transformers": "5.24.0",
-    "peft": "0.21.2",
-    "accelerate": "1.15.0",
-    "deepspeed": "0.19.8",
-    "bitsandbytes": "0.50.2",
-    "triton": "3.9.0",
-    "trl": "1.16.0",
-    "datasets": "5.2.0",
+    "torch": ("2.11.0", "2.13.0"),
+    "transformers": ("5.6.0", "5.25.0"),
+    "peft": ("0.18.1", "0.22.0"),
+    "accelerate": ("1.11.0", "1.16.0"),
+    "deepspeed": ("0.19.8", "0.19.8"),
+    "bitsandbytes": ("0.50.2", "0.50.2"),
+    "triton": ("3.6.0", "3.9.0"),
+    "trl": ("0.24.0", "1.16.0"),
+    "datasets": ("4.0.0", "5.2.0"),
 }
-"""Package -> version the test suite runs with (keep in step with pyproject.toml's lower bounds)."""
+"""Package -> (floor, newest): the versions of the two stacks CI runs the suite on.  The floors are
+``pyproject.toml``'s lower bounds and ``requirements/floor.txt``'s pins; the newest are
+``requirements/newest.txt``'s (the lock ``make install`` installs).  Every release in between is supported."""
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -39,11 +43,16 @@ def breaking_series(version: str) -> tuple[int, ...]:
 
 
 def untested(installed: dict[str, str]) -> dict[str, str]:
-    """Of ``{package: installed version}``, those in a newer breaking series than the tested one."""
+    """Of ``{package: installed version}``, those outside the tested range: older than the floor release,
+    or of a newer breaking series than the newest tested one (a newer release in that series is fine)."""
     return {
         name: version
         for name, version in installed.items()
-        if name in TESTED and breaking_series(version) > breaking_series(TESTED[name])
+        if name in TESTED
+        and (
+            _release(version) < _release(TESTED[name][0])
+            or breaking_series(version) > breaking_series(TESTED[name][1])
+        )
     }
 
 
@@ -59,11 +68,11 @@ def installed_versions() -> dict[str, str]:
 
 
 def warn_untested(installed: dict[str, str] | None = None) -> list[str]:
-    """Warn once (one ``UserWarning``) naming every installed package of an untested major version."""
+    """Warn once (one ``UserWarning``) naming every installed package outside the tested range."""
     newer = untested(installed_versions() if installed is None else installed)
     if not newer:
         return []
-    names = ", ".join(f"{n} {v} (tested: {TESTED[n]})" for n, v in sorted(newer.items()))
+    names = ", ".join(f"{n} {v} (tested: {TESTED[n][0]} to {TESTED[n][1]})" for n, v in sorted(newer.items()))
     warnings.warn(
         f"flatlora_dist has not been tested with {names}; if something breaks, install the tested "
         "version (pip install 'NAME==VERSION') and report the issue",

@@ -64,7 +64,14 @@ def test_import_flatlora_dist_loads_no_backend_or_app_package():
     assert out.strip() == "[]", out
 
 
-def test_pyproject_lower_bounds_are_the_tested_versions():
+def _pins(lock: str) -> dict[str, str]:
+    """``name==version`` lines of a requirements lock, local version labels dropped."""
+    lines = (ROOT / "requirements" / lock).read_text().splitlines()
+    found = (re.fullmatch(r"([A-Za-z0-9_.-]+)==([^+;\s]+)(\+\S+)?", line.strip()) for line in lines)
+    return {m.group(1).lower().replace("_", "-"): m.group(2) for m in found if m}
+
+
+def test_pyproject_lower_bounds_are_the_tested_floors():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     floors = {}
@@ -72,24 +79,36 @@ def test_pyproject_lower_bounds_are_the_tested_versions():
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", req.replace(" ", ""))
         if m:
             floors[m.group(1).lower()] = m.group(2)
-    for name, version in TESTED.items():
-        assert floors.get(name) == version, f"pyproject's floor for {name} is {floors.get(name)}, tested {version}"
+    for name, (floor, _) in TESTED.items():
+        assert floors.get(name) == floor, f"pyproject's floor for {name} is {floors.get(name)}, tested {floor}"
 
 
-def test_this_environment_runs_the_tested_series():
-    """CI's install is what 'tested' means: a newer series here must be tested, then TESTED updated."""
+@pytest.mark.parametrize("lock,end", [("floor.txt", 0), ("newest.txt", 1)])
+def test_the_locks_ci_installs_are_the_tested_ends_of_the_range(lock, end):
+    pins = _pins(lock)
+    for name, versions in TESTED.items():
+        assert pins.get(name) == versions[end], f"requirements/{lock} pins {name} {pins.get(name)}, TESTED {versions}"
+
+
+def test_this_environment_runs_the_tested_range():
+    """CI's installs are what 'tested' means: a version outside the range here must be tested, then
+    TESTED and the locks updated."""
     assert untested(installed_versions()) == {}
 
 
-def test_untested_major_version_warns_once_naming_it():
+def test_only_versions_outside_the_tested_range_warn():
     with pytest.warns(UserWarning) as record:
-        names = warn_untested({"transformers": "6.0.1", "peft": "0.22.0", "torch": "2.99.0"})
-    assert names == ["peft", "transformers"]
+        names = warn_untested({"transformers": "6.0.1", "peft": "0.23.0", "torch": "2.99.0", "trl": "0.23.1"})
+    assert names == ["peft", "transformers", "trl"]
     assert len(record) == 1
-    assert "transformers 6.0.1 (tested: 5.24.0)" in str(record[0].message)
+    assert "transformers 6.0.1 (tested: 5.6.0 to 5.25.0)" in str(record[0].message)
+    inside = {"transformers": "5.20.1", "peft": "0.21.2", "trl": "1.14.1", "datasets": "5.0.1", "torch": "2.12.1"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert warn_untested(dict(TESTED)) == []
+        for end in (0, 1):
+            assert warn_untested({n: v[end] for n, v in TESTED.items()}) == []
+        assert warn_untested(inside) == []  # axolotl 0.21.0's pins: inside the range
+        assert warn_untested({"transformers": "5.99.0"}) == []  # a newer release of the newest series
 
 
 def test_breaking_series():

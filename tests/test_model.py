@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flatlora_dist.compat import is_checkpointing
 from flatlora_dist.train import model as M
 from flatlora_dist.train.model import ModelLoadError, apply_lora, build_tiny_llama, load_model
 
@@ -69,7 +70,7 @@ def test_load_model_from_local_folder(tmp_path):
     assert loaded.dtype == torch.bfloat16 and loaded.config._attn_implementation == "sdpa"
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
     assert tok2("abc")["input_ids"] == tok("abc")["input_ids"] and tok2.chat_template == tok.chat_template
-    assert M._is_checkpointing(loaded) and loaded.config.use_cache is False
+    assert is_checkpointing(loaded) and loaded.config.use_cache is False
 
 
 def test_attention_choice_on_cpu():

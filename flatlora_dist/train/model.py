@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..compat import enable_checkpointing, is_checkpointing, kbit_training_kwargs
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -352,11 +354,7 @@ def _finish(model, tok, gradient_checkpointing: bool):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
         model.config.use_cache = False
     return model, tok
 
@@ -395,14 +393,6 @@ def load_model(
 # ------------------------------------------------------------------------------------------- LoRA
 
 
-def _is_checkpointing(model) -> bool:
-    """Whether activation (gradient) checkpointing is on, across transformers 4.x / 5.x names."""
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), attr) or attr in vars(model):
-            return bool(getattr(model, attr))
-    return False
-
-
 def apply_lora(
     model,
     r: int = 8,
@@ -421,13 +411,9 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     is_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    checkpointing = _is_checkpointing(model)
+    checkpointing = is_checkpointing(model)
     if is_4bit and prepare_kbit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_model_for_kbit_training(model, **kbit_training_kwargs(checkpointing))
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(
         r=r,

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import base_fingerprint
+from ..compat import checkpointing_arguments
 from .config import ConfigError, TrainConfig, parse_args
 from .report import gather_per_rank, peak_memory_mb, plot_curves, write_json_atomic
 
@@ -476,8 +477,7 @@ def training_arguments(cfg: TrainConfig, ds: dict[str, Any] | None):
         data_seed=cfg.seed,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_arguments(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if cfg.save_steps else "no",
