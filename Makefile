@@ -16,7 +16,9 @@ FLOOR_PY := $(FLOOR_VENV)/bin/python
 EXTRAS := app,bench,deepspeed,dev,kernels,qlora,trl
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # DeepSpeed's JIT-built ops (shm comm, fused Adam) are cached inside the project.
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+# One folder per venv: an op built against one torch fails to load in another (the floor stack's venv
+# shares this checkout).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions/$(subst .,,$(notdir $(VENV)))
 export DS_BUILD_OPS := 0
 # `make demo`: one rank per GPU (nvidia-smi's count), 2 CPU ranks without one; `make demo NPROC=4` overrides.
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
@@ -90,6 +92,7 @@ test-fast: install
 # The floor stack: the fast tier, then the user-trainer, ZeRO-3, kernel and trace tests in full, then
 # bench/gpu_check.sh's CPU smoke run (the GPU image is a floor-range stack).
 FLOOR_TESTS := tests/test_user_trainers.py tests/test_deepspeed.py tests/test_kernels.py tests/test_kernels_4bit.py tests/test_trace.py
+test-floor install-floor: export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions/$(subst .,,$(FLOOR_VENV))
 test-floor: install-floor
 	$(FLOOR_PY) -m pytest -q -ra -m "not slow" tests
 	$(FLOOR_PY) -m pytest -q -ra -m slow $(FLOOR_TESTS)

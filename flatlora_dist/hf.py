@@ -133,13 +133,15 @@ class FlatLoRACallback(TrainerCallback):
         return cb
 
     def _go_first(self) -> None:
-        """Move this callback to the front of the ``CallbackHandler`` that is calling it.
+        """Move this callback just ahead of the first callback that writes logs (overrides ``on_log``:
+        TensorBoard, wandb, the progress bar, a tool's own log writer) in the calling ``CallbackHandler``.
 
-        transformers puts ``Trainer(callbacks=[...])`` after its reporting callbacks and passes callbacks
+        transformers puts ``Trainer(callbacks=[...])`` after its reporting callbacks and gives callbacks
         no handle on the list, so the handler is found as the ``self`` of the calling frame
-        (``CallbackHandler.call_event``).  Moving an element that was already called to the front leaves
-        the handler's running loop calling every later callback once.  Where no handler is found (a
-        callback driven by hand) nothing changes."""
+        (``CallbackHandler.call_event``).  Callbacks that write no logs keep their order relative to this
+        one, and moving an element that was already called forward leaves the handler's running loop
+        calling every later callback once.  Where no handler is found (a callback driven by hand)
+        nothing changes."""
         frame = sys._getframe(1)
         for _ in range(4):
             frame = frame.f_back
@@ -147,10 +149,17 @@ class FlatLoRACallback(TrainerCallback):
                 return
             handler = frame.f_locals.get("self")
             if isinstance(handler, CallbackHandler):
-                if handler.callbacks and handler.callbacks[0] is not self and self in handler.callbacks:
-                    handler.callbacks.remove(self)
-                    handler.callbacks.insert(0, self)
-                return
+                break
+        else:
+            return
+        cbs = handler.callbacks
+        if self not in cbs:
+            return
+        mine = cbs.index(self)
+        writers = [i for i, cb in enumerate(cbs[:mine]) if type(cb).on_log is not TrainerCallback.on_log]
+        if writers:
+            cbs.pop(mine)
+            cbs.insert(writers[0], self)
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from test_front_door import folder_hash
 
-from flatlora_dist.train import run as run_mod
-from flatlora_dist.train.report import write_json_atomic
-from flatlora_dist.train.run import main
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from ds_common import extensions_dir  # noqa: E402
+
+from flatlora_dist.train import run as run_mod  # noqa: E402
+from flatlora_dist.train.report import write_json_atomic  # noqa: E402
+from flatlora_dist.train.run import main  # noqa: E402
 
 pytestmark = pytest.mark.slow  # whole (tiny) runs of the app, in and out of process
 
@@ -134,7 +137,7 @@ def _two_ranks(cmd_head: list[str], out: Path, args: list[str], env_extra: dict[
 def test_max_steps_0_same_under_deepspeed_zero3(tmp_path):
     head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}"]
     env = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}  # fmt: skip
+           "TORCH_EXTENSIONS_DIR": extensions_dir()}  # fmt: skip
     summary = _two_ranks(head, tmp_path / "ds", [*EPOCHS, "--ds_config", str(REPO / "ds_configs" / "zero3.json")], env)
     assert summary["backend"] == "deepspeed" and summary["world_size"] == 2
     assert_epoch_run(summary, ranks=2)

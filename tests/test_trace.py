@@ -53,10 +53,14 @@ def _train(tmp_path: Path, monkeypatch, tiny_llama, *, sigma: float, schedule: s
 @pytest.mark.parametrize("how", ["callbacks", "add_callback"])
 def test_callback_goes_first_and_its_stats_reach_tensorboard(tmp_path, monkeypatch, how):
     from conftest import tiny_llama
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
 
     trainer, cb = _train(tmp_path, monkeypatch, tiny_llama, sigma=0.1, how=how)
-    assert trainer.callback_handler.callbacks[0] is cb
-    assert sum(c is cb for c in trainer.callback_handler.callbacks) == 1
+    cbs = trainer.callback_handler.callbacks
+    assert sum(c is cb for c in cbs) == 1
+    writers = [i for i, c in enumerate(cbs) if type(c).on_log is not TrainerCallback.on_log and c is not cb]
+    assert isinstance(cbs[writers[0]], TensorBoardCallback) and cbs.index(cb) < writers[0]
     flat = check_tensorboard(tmp_path / "out", steps_logged=STEPS)
     assert next(v for k, v in flat.items() if k.endswith("flatlora/factor")) == [1.0] * STEPS  # constant schedule
     check_noise_trace(tmp_path / "trace.jsonl", steps=STEPS, micro_batches=GAS)

@@ -22,13 +22,13 @@ ROOT = DIST.parents[1]
 sys.path[:0] = [p for p in (str(DIST), str(ROOT)) if p not in sys.path]
 
 import app_inject  # noqa: E402
-from ds_common import free_port, worker_env  # noqa: E402
+from ds_common import extensions_dir, free_port, worker_env  # noqa: E402
 
 APP = DIST / "app_run.py"
 FAST = ["--model", "tiny", "--train_limit", "48", "--eval_limit", "4", "--eval_generate_limit", "0",
         "--max_length", "384", "--report_to", "none", "--logging_steps", "1"]  # fmt: skip
 DS_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-          "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "DS_BUILD_OPS": "0",
+          "TORCH_EXTENSIONS_DIR": extensions_dir(), "DS_BUILD_OPS": "0",
           "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
 
 

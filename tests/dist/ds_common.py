@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,21 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops are cached: ``TORCH_EXTENSIONS_DIR`` if set, else a folder of this
+    checkout's cache per torch version (an op built against one torch fails to load in another: the
+    floor and newest stacks share the checkout)."""
+    import torch
+
+    default = ROOT / ".cache" / "torch_extensions" / f"torch-{torch.__version__}"
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(default)
+
+
 def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
     """Environment of one CPU rank: gloo rendezvous, one thread, cached DeepSpeed JIT builds."""
     env = _worker_env(rank, world, port)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     env.setdefault("DS_BUILD_OPS", "0")
     return env
 
