@@ -298,8 +298,8 @@ class MathBench:
     """SmolLM2-135M on the ``gsm_symbolic`` math task: held-out-template loss per response token."""
 
     def __init__(self, cfg: dict, targets: str) -> None:
-        from flatlora_dist.train.data import load_task
         from flatlora_dist.train.model import load_model
+        from flatlora_dist.train.sources import load_task
 
         self.cfg = cfg
         self.targets = targets

@@ -148,8 +148,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "resume_noise_check_skipped",
         "--resume accepts other noise settings than the checkpoint's",
-        (("flatlora_dist/train/run.py",
-          "            check_resume_noise(ckpt, cfg)\n",
+        (("flatlora_dist/train/preflight.py",
+          "            check_resume_noise(ckpt, cfg, noise_scheme)\n",
           "            pass\n"),),
     ),
     Mutant(
