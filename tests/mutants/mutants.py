@@ -30,7 +30,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "row_std_by_shard_local_row",
         "row std looked up by the shard-local instead of the global row",
-        (("flatlora_dist/inplace.py",
+        (("flatlora_dist/perturbation.py",
           "yield lo, self.layout.scale_(z, lo, std)",
           "yield lo, self.layout.scale_(z, lo - start, std)"),),
     ),
