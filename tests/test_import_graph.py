@@ -115,3 +115,21 @@ def test_the_circle_detector_finds_each_form():
     assert cycles(graph) == [["flatlora_dist.a", "flatlora_dist.b", "flatlora_dist.sub.c"]]
     pkg["flatlora_dist.sub.c"] = ("import torch\n", False)
     assert cycles(import_graph(pkg)) == []
+
+
+def test_bench_and_studies_import_nothing_from_tests():
+    """``bench/`` and ``studies/`` stand on the library and on ``bench/common.py``: no module of ``tests/``
+    (or ``tests/dist/``) is imported, and no path into ``tests/`` is put on ``sys.path``."""
+    own = {p.stem for d in ("bench", "studies") for p in (ROOT / d).glob("*.py")}
+    test_modules = {p.stem for d in ("tests", "tests/dist") for p in (ROOT / d).glob("*.py")} - own
+    bad = []
+    for path in sorted([*(ROOT / "bench").rglob("*.py"), *(ROOT / "studies").rglob("*.py")]):
+        text = path.read_text()
+        if '"tests"' in text or "'tests'" in text or "tests/dist" in text.replace("``tests/dist``", ""):
+            bad.append(f"{path.relative_to(ROOT)}: names a path into tests/")
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0] in test_modules | {"tests"}]
+    assert not bad, "\n".join(bad)
