@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
+from benchlib import machine
 from overhead import build, native_mode
 from reference import ReferenceFlatLoRA
 

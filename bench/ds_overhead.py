@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import (
+from benchlib import (
     ds_env,
     interleaved_steps,
     launch,

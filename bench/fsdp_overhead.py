@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import (
+from benchlib import (
     fsdp2_wrap,
     interleaved_steps,
     launch,

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import sync
+from benchlib import sync
 
 from flatlora_dist.noise import NOISE_BLOCK, noise_chunks
 

@@ -55,7 +55,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import ROOT, ds_env, launch, machine, sync, worker_env
+from benchlib import ROOT, ds_env, launch, machine, sync, worker_env
 from reference import ReferenceFlatLoRA
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig

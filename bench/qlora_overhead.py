@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import sync
+from benchlib import sync
 from fused_layer import median_ms
 from torch import nn
 

@@ -58,7 +58,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # the one path setup: bench/'s reference loop and machine description
 
-from common import machine  # noqa: E402
+from benchlib import machine  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
 from stats import bonferroni_level, holm, mean_std, paired, tost  # noqa: E402
 

@@ -118,7 +118,7 @@ def test_the_circle_detector_finds_each_form():
 
 
 def test_bench_and_studies_import_nothing_from_tests():
-    """``bench/`` and ``studies/`` stand on the library and on ``bench/common.py``: no module of ``tests/``
+    """``bench/`` and ``studies/`` stand on the library and on ``bench/benchlib.py``: no module of ``tests/``
     (or ``tests/dist/``) is imported, and no path into ``tests/`` is put on ``sys.path``."""
     own = {p.stem for d in ("bench", "studies") for p in (ROOT / d).glob("*.py")}
     test_modules = {p.stem for d in ("tests", "tests/dist") for p in (ROOT / d).glob("*.py")} - own
@@ -133,3 +133,11 @@ def test_bench_and_studies_import_nothing_from_tests():
             bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
                     if n.split(".")[0] in test_modules | {"tests"}]
     assert not bad, "\n".join(bad)
+
+
+def test_bench_modules_do_not_shadow_test_helpers():
+    """Tests put ``bench/``, ``studies/`` and their own helper folders on ``sys.path`` in one session, so a
+    bench module named like a test helper (``common``) would shadow it, whichever comes first."""
+    own = {p.stem for d in ("bench", "studies") for p in (ROOT / d).glob("*.py")}
+    helpers = {p.stem for p in (ROOT / "tests").rglob("*.py") if not p.stem.startswith("test_")}
+    assert not own & helpers, f"bench/studies modules named like test helpers: {sorted(own & helpers)}"

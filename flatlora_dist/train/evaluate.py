@@ -113,10 +113,12 @@ def rank0_accuracy(cfg: TrainConfig, args, adapter_dir: Path, heldout, extra,
 
 def final_evaluation(cfg: TrainConfig, plan: RunPlan, trainer, tokenizer, data, before: dict[str, Any],
                      stop: StopRequest) -> dict[str, Any] | None:  # fmt: skip
-    """Held-out metrics of the trained model (the adapter is already saved); ``None`` if a SIGTERM stopped
+    """Held-out metrics of the trained model (the adapter is already saved; ``data``: the run's
+    :class:`~.sources.RunData`); ``None`` if a SIGTERM stopped
     it (checked between batches; ranks agree on it).  Sharded runs take accuracy from rank 0's unsharded
     copy, whose "before" numbers are added to ``before['metrics']``."""
     from ..hf import any_rank
+
     split_eval, heldout, extra = plan.sharded, data.heldout, data.extra
     if is_main():
         n = len(heldout.dataset) if heldout is not None else 0

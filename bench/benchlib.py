@@ -4,7 +4,7 @@ benches build.
 
 Benches run as scripts, ``python bench/x.py [flags]`` (the multi-rank ones also as their own rank workers,
 ``python bench/x.py '<json args>' <out dir>``, started by :func:`launch`): the script's folder is first on
-``sys.path``, so ``from common import ...`` needs no path setup, and ``flatlora_dist`` comes from the
+``sys.path``, so ``from benchlib import ...`` needs no path setup, and ``flatlora_dist`` comes from the
 installed project (``make install``; :func:`launch` also puts the repository first on the workers'
 ``PYTHONPATH``).  Nothing here imports from ``tests/``.
 
