@@ -22,22 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchlib import machine
+from overhead import build, native_mode
+from reference import ReferenceFlatLoRA
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from overhead import build, machine, native_mode  # noqa: E402
-from reference import ReferenceFlatLoRA  # noqa: E402
-
-from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
-from flatlora_dist.noise import Scratch, noise_tasks, run_ordered  # noqa: E402
-from flatlora_dist.norms import row_norms  # noqa: E402
+from flatlora_dist import FlatLoRA, FlatLoRAConfig
+from flatlora_dist.noise import Scratch, noise_tasks, run_ordered
+from flatlora_dist.norms import row_norms
 
 
 def draw_all(flat: FlatLoRA, step: int) -> None:

@@ -14,14 +14,20 @@ are drawn whole by every rank).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "dist"))
-
-from ds_common import launch, load_ds_config, tiny_model  # noqa: E402
-from timing import interleaved_steps, main_or_worker, parse_args, setup_line, step_line, step_medians  # noqa: E402
+from benchlib import (
+    ds_env,
+    interleaved_steps,
+    launch,
+    lora_llama,
+    main_or_worker,
+    parse_args,
+    setup_line,
+    step_line,
+    step_medians,  # fmt: skip
+    zero3_config,
+)
 
 
 def worker(args: dict, out_dir: Path) -> None:
@@ -35,9 +41,9 @@ def worker(args: dict, out_dir: Path) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_model(torch.float32, hidden=args["hidden"], inter=2 * args["hidden"], layers=args["layers"], r=8)
+    model = lora_llama(torch.float32, hidden=args["hidden"], inter=2 * args["hidden"], layers=args["layers"], r=8)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cfg = load_ds_config("zero3", world=world, micro=args["micro"], hidden=args["hidden"], persistence=0)
+    cfg = zero3_config(world=world, micro=args["micro"], hidden=args["hidden"], persistence=0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     flat = FlatLoRA(engine, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
     plain = FlatLoRA(engine, FlatLoRAConfig(sigma=0.0, total_steps=1000))
@@ -71,7 +77,7 @@ def _drawn(w, block: int) -> int:
 
 def main() -> None:
     a, args = parse_args(__doc__)
-    res = launch(Path(__file__).resolve(), a.world, {"bench": args})
+    res = launch(Path(__file__).resolve(), a.world, {"bench": args}, env=ds_env)
     print(setup_line("ZeRO-3", a))
     for r in res:
         print(step_line(r))

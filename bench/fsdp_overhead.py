@@ -12,14 +12,19 @@ perturb/restore share and per rank ``state_bytes`` (norm buffers + fix-ups) agai
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "dist"))
-
-from fsdp_common import launch, tiny_model, wrap  # noqa: E402
-from timing import interleaved_steps, main_or_worker, parse_args, setup_line, step_line, step_medians  # noqa: E402
+from benchlib import (
+    fsdp2_wrap,
+    interleaved_steps,
+    launch,
+    lora_llama,
+    main_or_worker,
+    parse_args,
+    setup_line,
+    step_line,  # fmt: skip
+    step_medians,
+)
 
 
 def worker(args: dict, out_dir: Path) -> None:
@@ -32,9 +37,9 @@ def worker(args: dict, out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     h = args["hidden"]
-    model = tiny_model(torch.float32, r=8, hidden=h, inter=2 * h, layers=args["layers"], heads=4, kv_heads=4,
-                       head_dim=h // 4)  # fmt: skip
-    model = wrap(model, "fsdp2", world=world)
+    model = lora_llama(torch.float32, r=8, hidden=h, inter=2 * h, layers=args["layers"], heads=4, kv_heads=4,
+                       head_dim=h // 4, max_positions=256)  # fmt: skip
+    model = fsdp2_wrap(model, world)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=1000, schedule="constant"))
     plain = FlatLoRA(model, FlatLoRAConfig(sigma=0.0, total_steps=1000))

@@ -16,20 +16,16 @@ import statistics
 import time
 
 import torch
+from benchlib import sync
 
 from flatlora_dist.noise import NOISE_BLOCK, noise_chunks
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,24 +55,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from benchlib import ROOT, ds_env, launch, machine, sync, worker_env
+from reference import ReferenceFlatLoRA
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flatlora_dist import FlatLoRA, FlatLoRAConfig  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from reference import ReferenceFlatLoRA  # noqa: E402
+from flatlora_dist import FlatLoRA, FlatLoRAConfig
 
 TARGETS = {"time_ratio": 1.05, "memory_ratio": 1.01}
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @contextmanager
@@ -135,22 +125,6 @@ def peak_transient(fn: Callable[[], None], device: str) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = f", load avg at start {os.getloadavg()[0]:.1f}"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}"
 
 
 # ---------------------------------------------------------------------------------------- single run
@@ -346,19 +320,17 @@ def single_process(args: argparse.Namespace) -> dict:
 
 def distributed(args: argparse.Namespace) -> dict:
     """Fold in 2-rank ZeRO-3 and FSDP2 results from the existing benches' workers."""
-    sys.path.insert(0, str(ROOT / "tests" / "dist"))
     out = {}
     bargs = {"pairs": args.dist_pairs, "hidden": args.dist_hidden, "layers": args.dist_layers, "micro": 4,
              "seq": args.dist_seq}  # fmt: skip
-    for name, script, common in (("zero3", "ds_overhead.py", "ds_common"), ("fsdp2", "fsdp_overhead.py", "fsdp_common")):
+    for name, script, env in (("zero3", "ds_overhead.py", ds_env), ("fsdp2", "fsdp_overhead.py", worker_env)):
         path = ROOT / "bench" / script
         if not path.exists():
             out[name] = {"error": f"bench/{script} not found"}
             continue
         t0 = time.perf_counter()
         try:
-            launch = __import__(common).launch
-            ranks = launch(path, 2, {"bench": bargs})
+            ranks = launch(path, 2, {"bench": bargs}, env=env)
         except Exception as e:  # noqa: BLE001 - report, keep the rest of the benchmark
             out[name] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
             print(f"{name}: FAILED {type(e).__name__}", flush=True)

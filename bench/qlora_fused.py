@@ -23,14 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_layer import median_ms  # noqa: E402
-from launches import LLAMA7B, RANK, _Targets4bit  # noqa: E402
+from fused_layer import median_ms
+from launches import LLAMA7B, RANK, _Targets4bit
 
 
 def main() -> None:

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from benchlib import sync
+from fused_layer import median_ms
 from torch import nn
 
 from flatlora_dist import FlatLoRA, FlatLoRAConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_layer import median_ms  # noqa: E402
 
 
 class Block(nn.Module):
@@ -99,11 +96,6 @@ def build(args: argparse.Namespace):
                 p.normal_(0, 0.01)
     x = torch.randn(args.batch, args.seq, n_in, device=args.device, dtype=DTYPES[args.dtype])
     return model, lora, x, n_in, n_out
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def make_steps(model, lora, x, flat: FlatLoRA) -> dict[str, Callable[[int], float]]:

@@ -1,6 +1,6 @@
 """The reference (paper's) Flat-LoRA perturbation, re-implemented in plain PyTorch.
 
-Shared by ``bench/overhead.py`` (timing) and ``bench/generalization.py`` (the equivalence study).
+Shared by ``bench/overhead.py`` (timing) and ``studies/generalization.py`` (the equivalence study).
 
 Per micro-batch (the official code hooks HF ``training_step``): for every LoRA layer form the merged
 weight ``W + s·B·A``, its row norms, a full-size std tensor ``norm.repeat(1, n)`` and a full-size

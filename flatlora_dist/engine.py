@@ -23,9 +23,10 @@ from torch import nn
 
 from . import functional, fused
 from .config import FlatLoRAConfig
-from .inplace import Fixups, NoiseKey, perturb_regions, restore_regions
+from .inplace import perturb_regions, restore_regions
 from .kernels import scheme_for
 from .norms import reduction_group, row_norms
+from .perturbation import Fixups, NoiseKey
 from .schedule import noise_factor
 from .shards import Phase, ShardBackend, backend_kind, make_backend
 from .targets import LoraTarget, find_targets

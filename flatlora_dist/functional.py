@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .inplace import NoiseKey, compute_dtype
 from .kernels import load_ops
+from .perturbation import NoiseKey, compute_dtype
 from .shards import ShardBackend
 from .shards.bnb import packed_4bit
 from .targets import LoraTarget

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .inplace import Fixups, NoiseKey
 from .kernels import load_ops
+from .perturbation import Fixups, NoiseKey
 from .shards import Region
 
 

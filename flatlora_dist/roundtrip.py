@@ -26,7 +26,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 """Storage dtypes the kernels handle (the code ``roundtrip.c`` switches on)."""
 
 Records = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""``(index, xor, full_index, full_values)``: the fields of ``inplace.Fixups``."""
+"""``(index, xor, full_index, full_values)``: the fields of ``perturbation.Fixups``."""
 Chunk = tuple[int, int, "Records | None"]
 """What a perturb task returns: ``(chunk_start, chunk_len, records or None)``."""
 

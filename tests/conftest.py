@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from flatlora_dist.train.model import TINY_LLAMA_SHAPE  # noqa: E402
+from flatlora_dist.train.tiny import TINY_LLAMA_SHAPE  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))

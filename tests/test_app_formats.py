@@ -60,7 +60,7 @@ def test_alpaca_jsonl_with_tensorboard_and_merge(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     train, held = alpaca_file(tmp_path / "train.jsonl", 24), alpaca_file(tmp_path / "eval.jsonl", 4)
     out = tmp_path / "run"
@@ -157,14 +157,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, previous_run):
 def test_invalid_record_names_file_and_line_within_the_limit_only(tmp_path, capsys, previous_run):
     """A record the run would read is checked up front; one past --train_limit is never read."""
     from flatlora_dist.train.config import parse_args
-    from flatlora_dist.train.run import preflight
+    from flatlora_dist.train.preflight import preflight
 
     bad = alpaca_file(tmp_path / "bad.jsonl", 3)
     bad.write_text(bad.read_text() + '{"instruction": "x"}\n')
     msg = refused(capsys, previous_run, "--data", str(bad), "--train_limit", "10")
     assert f"{bad}:4:" in msg and "'output'" in msg
     cfg = parse_args(["--data", str(bad), "--train_limit", "3", "--output_dir", str(tmp_path / "fresh")])
-    assert preflight(cfg) == (None, None)
+    plan = preflight(cfg)
+    assert (plan.resume_from, plan.ds) == (None, None)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
@@ -206,7 +207,7 @@ def test_ds_config_batch_size_mismatch(tmp_path, capsys, previous_run, monkeypat
 
 def test_ds_config_matching_or_auto_batch_sizes_pass_preflight(tmp_path, monkeypatch):
     from flatlora_dist.train.config import parse_args
-    from flatlora_dist.train.run import preflight
+    from flatlora_dist.train.preflight import preflight
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     ds = tmp_path / "ds.json"
@@ -214,7 +215,7 @@ def test_ds_config_matching_or_auto_batch_sizes_pass_preflight(tmp_path, monkeyp
                               "zero_optimization": {"stage": 3}}))  # fmt: skip
     cfg = parse_args(["--ds_config", str(ds), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
                       "2", "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    assert preflight(cfg)[1]["train_batch_size"] == 16
+    assert preflight(cfg).ds["train_batch_size"] == 16
 
 
 def test_load_in_4bit_without_bitsandbytes(capsys, previous_run, monkeypatch):
@@ -230,7 +231,7 @@ def test_load_in_4bit_without_bitsandbytes(capsys, previous_run, monkeypatch):
 def local_model(tmp_path):
     """The tiny model saved as a local folder, with bait: a corrupt ``pytorch_model.bin`` (loading it
     would fail) and an ``auto_map`` to model-folder code that, if ever imported, leaves a marker."""
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     folder = tmp_path / "model"
     model, tok = build_tiny_llama()

@@ -14,13 +14,10 @@ from flatlora_dist.checkpoint import base_fingerprint
 from flatlora_dist.hf import STATE_FILE
 from flatlora_dist.kernels import scheme_for
 from flatlora_dist.train.config import parse_args
-from flatlora_dist.train.run import (
-    COMPLETE_MARKER,
-    RunError,
-    check_output_dir,
-    check_resume_noise,
-    main,
-)
+from flatlora_dist.train.outputs import COMPLETE_MARKER
+from flatlora_dist.train.preflight import check_output_dir, check_resume_noise
+from flatlora_dist.train.run import main
+from flatlora_dist.train.runtime import RunError
 
 
 def saved_run(tmp_path: Path, state: dict | None = None) -> Path:
@@ -131,7 +128,7 @@ def test_rank0_evaluation_switches_zero3_off_and_back_through_public_calls():
 
     from transformers.integrations import deepspeed as hf_ds
 
-    from flatlora_dist.train.run import unsharded_loading
+    from flatlora_dist.train.evaluate import unsharded_loading
 
     args = SimpleNamespace(hf_deepspeed_config=hf_ds.HfDeepSpeedConfig({"zero_optimization": {"stage": 3}}))
     try:

@@ -18,7 +18,7 @@ from test_front_door import folder_hash
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from ds_common import extensions_dir  # noqa: E402
 
-from flatlora_dist.train import run as run_mod  # noqa: E402
+from flatlora_dist.train import trainer as trainer_mod  # noqa: E402
 from flatlora_dist.train.report import write_json_atomic  # noqa: E402
 from flatlora_dist.train.run import main  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_failure_before_the_first_step_leaves_the_folder_as_found(tmp_path, monk
         assert (out / "run_config.json").is_file() and (out / "tensorboard").is_dir()
         raise RuntimeError("injected failure before the first step")
 
-    monkeypatch.setattr(run_mod, "base_fingerprint", failing)
+    monkeypatch.setattr(trainer_mod, "base_fingerprint", failing)
     with pytest.raises(RuntimeError, match="injected"):
         main([*QUICK, "--max_steps", "2", "--output_dir", str(out), *extra])
     assert folder_hash(out) == before and folder_hash(out.parent) == parent_before

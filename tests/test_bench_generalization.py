@@ -1,7 +1,7 @@
-"""bench/generalization.py: the reference arm's noise, the perturbation windows, and a --quick run.
+"""studies/generalization.py: the reference arm's noise, the perturbation windows, and a --quick run.
 
 The reference-noise and window tests use the tiny random Llama (< 5 s); the end-to-end test runs
-``bench/generalization.py --study all --quick`` (all-MiniLM-L6-v2, ~25 s on 2 cores) and checks the
+``studies/generalization.py --study all --quick`` (all-MiniLM-L6-v2, ~25 s on 2 cores) and checks the
 JSON schema of both studies and that the plots were written.
 """
 
@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path[:0] = [str(ROOT / "studies"), str(ROOT / "bench")]
 
 from generalization import ALT_SEED_OFFSET, Perturber, parse_arm, report, train_loop  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
@@ -148,7 +148,7 @@ def test_report_keeps_every_task_and_each_tasks_own_seeds(tmp_path):
 @pytest.mark.slow
 def test_quick_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "generalization.py"), "--study", "all", "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "studies" / "generalization.py"), "--study", "all", "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "generalization_quick.json").read_text())

@@ -1,4 +1,4 @@
-"""bench/stats.py against values derived by hand.
+"""studies/stats.py against values derived by hand.
 
 With 3 samples (2 degrees of freedom) Student's t has a closed-form CDF, F(t) = 1/2 + t / (2·sqrt(2 + t²)),
 and quantile q(P) = c·sqrt(2 / (1 - c²)) with c = 2P - 1, so every expected number below is checkable
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
 from stats import bonferroni_level, holm, mean_std, paired, tost  # noqa: E402
 

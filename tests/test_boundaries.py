@@ -18,7 +18,8 @@ from flatlora_dist.versions import TESTED, breaking_series, installed_versions, 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = [p for p in (ROOT / "flatlora_dist").rglob("*.py") if "train" not in p.relative_to(ROOT).parts]
 APP = sorted(
-    [*(ROOT / "flatlora_dist" / "train").rglob("*.py"), *(ROOT / "launch").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+    [*(ROOT / "flatlora_dist" / "train").rglob("*.py"), *(ROOT / "launch").rglob("*.py"), *(ROOT / "bench").rglob("*.py"),
+     *(ROOT / "studies").rglob("*.py")]
 )
 HEAVY = ("deepspeed", "bitsandbytes", "triton", "yaml", "matplotlib", "tensorboard")
 LAZY = {"kernels/ops.py": "triton", "kernels/triton_kernels.py": "triton"}

@@ -33,7 +33,7 @@ def test_checkpointing_arguments_switch_checkpointing_without_a_deprecation(tmp_
 
 
 def test_enable_checkpointing_is_seen_by_is_checkpointing():
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     model, _ = build_tiny_llama(seed=0)
     assert not is_checkpointing(model)
@@ -47,7 +47,7 @@ def test_kbit_training_kwargs_are_what_the_installed_peft_takes():
     kwargs = kbit_training_kwargs(True)
     params = inspect.signature(prepare_model_for_kbit_training).parameters
     assert set(kwargs) <= set(params) and kwargs["use_gradient_checkpointing"] is True
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     model, _ = build_tiny_llama(seed=0)
     with warnings.catch_warnings():

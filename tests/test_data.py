@@ -17,10 +17,10 @@ from flatlora_dist.train.data import (
     PadCollator,
     encode_example,
     encode_prompt,
-    load_task,
 )
-from flatlora_dist.train.model import build_tiny_tokenizer
+from flatlora_dist.train.sources import load_task
 from flatlora_dist.train.tasks import gsm, sentiment
+from flatlora_dist.train.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

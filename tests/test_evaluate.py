@@ -1,4 +1,4 @@
-"""flatlora_dist.train.evaluate: answer extraction, held-out loss, generation, sentiment scoring."""
+"""flatlora_dist.train.scoring: answer extraction, held-out loss, generation, sentiment scoring."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from flatlora_dist.train.data import Example, encode_prompt, load_task, prompt_response_example
-from flatlora_dist.train.evaluate import (
+from flatlora_dist.train.data import Example, encode_prompt, prompt_response_example
+from flatlora_dist.train.model import apply_lora
+from flatlora_dist.train.scoring import (
     answers_match,
     continuation_logprobs,
     extract_answer,
@@ -19,7 +20,8 @@ from flatlora_dist.train.evaluate import (
     sentiment_accuracy,
     sentiment_suite,
 )
-from flatlora_dist.train.model import apply_lora, build_tiny_llama
+from flatlora_dist.train.sources import load_task
+from flatlora_dist.train.tiny import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,13 @@ from app_inject import read_records  # noqa: E402
 from fsdp_common import free_port  # noqa: E402
 
 from flatlora_dist.train.config import ConfigError, parse_args  # noqa: E402
-from flatlora_dist.train.fsdp_args import fsdp_config, fsdp_from_env, fsdp_training_kwargs, hsdp_sizes  # noqa: E402
+from flatlora_dist.train.fsdp_args import (  # noqa: E402
+    fsdp_config,
+    fsdp_from_env,
+    fsdp_kind,
+    fsdp_training_kwargs,
+    hsdp_sizes,
+)
 
 APP = DIST / "app_fsdp_run.py"
 STEPS = 3
@@ -75,23 +81,23 @@ def test_fsdp_from_env_names_the_accelerate_config(clean_env):
 def test_fsdp_kwargs_and_refusals(clean_env):
     clean_env.setenv("WORLD_SIZE", "2")
     cfg = parse_args(["--fsdp", "fsdp1"])
-    kw = fsdp_training_kwargs(cfg)
+    kw = fsdp_training_kwargs(fsdp_kind(cfg))
     assert kw["fsdp"] is True and kw["fsdp_config"] == fsdp_config("fsdp1")
     assert kw["fsdp_config"]["use_orig_params"] is True and kw["fsdp_config"]["sync_module_states"] is False
-    assert fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))["fsdp_config"]["version"] == 2
+    assert fsdp_training_kwargs(fsdp_kind(parse_args(["--fsdp", "fsdp2"])))["fsdp_config"]["version"] == 2
     # under accelerate launch the YAML's settings win (no fsdp arguments), and a contradicting flag is refused
     clean_env.setenv("ACCELERATE_USE_FSDP", "true")
     clean_env.setenv("FSDP_VERSION", "2")
     cfg = parse_args([])
-    assert fsdp_training_kwargs(cfg) == {} and cfg.fsdp == "fsdp2"
+    assert fsdp_kind(cfg) == "fsdp2" and fsdp_training_kwargs(fsdp_kind(cfg)) == {} and cfg.fsdp is None
     with pytest.raises(ConfigError, match="contradicts the accelerate config"):
-        fsdp_training_kwargs(parse_args(["--fsdp", "fsdp1"]))
+        fsdp_kind(parse_args(["--fsdp", "fsdp1"]))
     clean_env.delenv("ACCELERATE_USE_FSDP")
     clean_env.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="needs a launcher"):
-        fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))  # one process that no launcher started
+        fsdp_kind(parse_args(["--fsdp", "fsdp2"]))  # one process that no launcher started
     clean_env.setenv("LOCAL_RANK", "0")  # torchrun --nproc_per_node 1: a 1-rank FSDP run
-    assert fsdp_training_kwargs(parse_args(["--fsdp", "fsdp2"]))["fsdp_config"]["version"] == 2
+    assert fsdp_training_kwargs(fsdp_kind(parse_args(["--fsdp", "fsdp2"])))["fsdp_config"]["version"] == 2
 
 
 def test_hsdp_sizes(clean_env):

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from flatlora_dist.compat import is_checkpointing
+from flatlora_dist.train import cache, tiny
 from flatlora_dist.train import model as M
-from flatlora_dist.train.model import ModelLoadError, apply_lora, build_tiny_llama, load_model
+from flatlora_dist.train import model_sources as S
+from flatlora_dist.train.model import ModelLoadError, apply_lora, load_model
+from flatlora_dist.train.tiny import build_tiny_llama
 
 
 def test_tiny_is_deterministic_and_leaves_global_rng():
@@ -30,7 +33,7 @@ def test_tiny_is_deterministic_and_leaves_global_rng():
 
 
 def test_tiny_tokenizer_round_trips_and_chats():
-    tok = M.build_tiny_tokenizer()
+    tok = tiny.build_tiny_tokenizer()
     text = "Héllo, wörld! 12 × 3 = 36 🙂\n\tend"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
@@ -125,25 +128,25 @@ def test_smollm2_cache_converts_once_under_concurrency(tmp_path, monkeypatch):
         tmp = target.with_name(".tmp-x")
         tmp.mkdir()
         (tmp / "config.json").write_text("{}")
-        (tmp / M.CONVERTED_MARKER).write_text("ok")
+        (tmp / S.CONVERTED_MARKER).write_text("ok")
         tmp.rename(target)
 
-    monkeypatch.setattr(M, "_convert_smollm2", fake_convert)
-    (tmp_path / M.SMOLLM2_DIR).mkdir()  # a half copy without the marker is replaced
+    monkeypatch.setattr(S, "_convert_smollm2", fake_convert)
+    (tmp_path / S.SMOLLM2_DIR).mkdir()  # a half copy without the marker is replaced
     results = []
-    threads = [threading.Thread(target=lambda: results.append(M.smollm2_path(tmp_path))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(S.smollm2_path(tmp_path))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and results == [tmp_path / M.SMOLLM2_DIR] * 4
+    assert len(calls) == 1 and results == [tmp_path / S.SMOLLM2_DIR] * 4
 
 
 def test_cache_root_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path))
-    assert M.default_model_cache() == tmp_path / "models"
-    monkeypatch.delenv(M.CACHE_ENV)
-    assert M.cache_root() == M.REPO_ROOT / ".cache"
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    assert S.default_model_cache() == tmp_path / "models"
+    monkeypatch.delenv(cache.CACHE_ENV)
+    assert cache.cache_root() == cache.REPO_ROOT / ".cache"
 
 
 @pytest.mark.slow

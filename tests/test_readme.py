@@ -58,3 +58,21 @@ def test_own_loop_example_runs_as_written():
 def test_settings_table_is_the_help():
     """README's "Every setting" table is ``config_table()``: what ``--help`` says, word for word."""
     assert config_table() in README.read_text()
+
+
+def test_module_table_lists_every_module():
+    """README's module table (under "How it works") names every module of ``flatlora_dist``: a file as its
+    path relative to the package (``shards/fsdp1.py``), a package's ``__init__.py`` as its folder
+    (``shards/``; the top-level one as ``__init__.py``).  A new module fails here until it is described."""
+    text = README.read_text()
+    section = text[text.index("\n## How it works\n") :]
+    section = section[: section.index("\n\n**")]  # the table ends where the prose starts
+    named = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+    package = README.parent / "flatlora_dist"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        name = rel[: -len("__init__.py")] if rel.endswith("/__init__.py") else rel
+        if name not in named:
+            missing.append(name)
+    assert len(named) > 40 and not missing, f"modules missing from README's module table: {missing}"

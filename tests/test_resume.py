@@ -63,7 +63,7 @@ def assert_merged_is_base_plus_lora(out: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     merged = {}
     for f in (out / "merged").glob("*.safetensors"):

@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 from . import triton_kernels as K
 
 if TYPE_CHECKING:
-    from ..shards.bnb import Packed4bit
+    from .packed import Packed4bit
 
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from ..kernels import load_ops
+from ..kernels.packed import Nested, Packed4bit
 from ..targets import LoraTarget
 from .base import NORM_CHUNK, Region, ShardBackend
 
@@ -150,35 +150,6 @@ def _rows_4bit(target: LoraTarget, r0: int, r1: int) -> torch.Tensor:
     absmax = _absmax_blocks(qs, k0 // bs, -(-k1 // bs))
     out = _ops().dequantize_4bit.default(data, absmax, bs, qs.quant_type, (k1 - k0,), qs.dtype)
     return out.view(r1 - r0, n)
-
-
-@dataclass(frozen=True)
-class Nested:
-    """Double quantization of the 4-bit scales: ``absmax[b] = code[q[b]] · absmax[b // blocksize] + offset``."""
-
-    absmax: torch.Tensor  # float32, one per nested block
-    code: torch.Tensor  # float32 (256,): the 8-bit dynamic map
-    blocksize: int
-    offset: torch.Tensor  # float32, one element, on the device (read there: no host sync)
-
-
-@dataclass(frozen=True)
-class Packed4bit:
-    """A bitsandbytes 4-bit weight as the fused kernel reads it (views of its storage, nothing copied).
-
-    Element ``k`` of the flat ``(out, in)`` weight = nibble ``k % 2`` (high first) of ``data[k // 2]``,
-    scaled by ``absmax[k // blocksize]`` (uint8 codes of ``nested`` when double-quantized), rounded to
-    ``quant_dtype``, then cast to ``out_dtype`` (the layer's compute dtype), as ``dense_weight`` does.
-    """
-
-    data: torch.Tensor  # uint8, flat
-    absmax: torch.Tensor  # float32 scales, or uint8 codes when nested
-    code: torch.Tensor  # float32 (16,): the nf4/fp4 table
-    blocksize: int
-    numel: int
-    quant_dtype: torch.dtype
-    out_dtype: torch.dtype
-    nested: Nested | None
 
 
 @cache

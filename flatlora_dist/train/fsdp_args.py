@@ -66,8 +66,9 @@ def fsdp_from_env() -> str | None:
     return "fsdp2"
 
 
-def resolve_fsdp(cfg) -> str | None:
-    """``cfg.fsdp``, or the kind an ``accelerate launch`` FSDP config set; sets ``cfg.fsdp`` and returns it.
+def fsdp_kind(cfg) -> str | None:
+    """``cfg.fsdp``, or the kind an ``accelerate launch`` FSDP config set (``None``: no FSDP); ``cfg`` is
+    left as it is (the preflight puts the answer in the run's plan).
 
     Raises ``ConfigError`` when ``--fsdp`` contradicts the launcher's config, or for FSDP in one process that
     no launcher started (``torchrun --nproc_per_node 1`` sets ``LOCAL_RANK``: a legitimate 1-rank FSDP
@@ -76,11 +77,11 @@ def resolve_fsdp(cfg) -> str | None:
     if cfg.fsdp and env and cfg.fsdp != env:
         raise ConfigError(f"--fsdp {cfg.fsdp} contradicts the accelerate config ({env}); drop --fsdp or use "
                           f"launch/accelerate/{cfg.fsdp}.yaml")  # fmt: skip
-    cfg.fsdp = cfg.fsdp or env
-    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2 and "LOCAL_RANK" not in os.environ:
-        raise ConfigError(f"--fsdp {cfg.fsdp} needs a launcher: start it with torchrun --nproc_per_node N "
+    kind = cfg.fsdp or env
+    if kind and int(os.environ.get("WORLD_SIZE", "1")) < 2 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(f"--fsdp {kind} needs a launcher: start it with torchrun --nproc_per_node N "
                           "(or accelerate launch --config_file launch/accelerate/<fsdp>.yaml)")  # fmt: skip
-    return cfg.fsdp
+    return kind
 
 
 def hsdp_sizes(world: int | None = None, per_node: int | None = None) -> tuple[int, int]:
@@ -114,9 +115,9 @@ def fsdp_config(kind: str, cuda: bool | None = None) -> dict[str, Any]:
     return {**common, "version": 2, "reshard_after_forward": True}
 
 
-def fsdp_training_kwargs(cfg) -> dict[str, Any]:
-    """Extra ``TrainingArguments`` keywords for ``cfg.fsdp`` (``{}`` when an accelerate config drives FSDP)."""
-    kind = resolve_fsdp(cfg)
+def fsdp_training_kwargs(kind: str | None) -> dict[str, Any]:
+    """Extra ``TrainingArguments`` keywords for the FSDP ``kind`` (:func:`fsdp_kind`; ``{}`` without FSDP or
+    when an accelerate config drives FSDP)."""
     if kind is None or fsdp_from_env() is not None:
         return {}
     kwargs: dict[str, Any] = {"fsdp": True, "fsdp_config": fsdp_config(kind)}

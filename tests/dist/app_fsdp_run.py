@@ -73,11 +73,12 @@ def install(record_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    hooks = []
     if os.environ.get("APP_INJECT"):
         import app_inject
 
-        app_inject.install(json.loads(os.environ["APP_INJECT"]))
+        hooks.append(app_inject.hook(json.loads(os.environ["APP_INJECT"])))
     if os.environ.get("APP_FSDP_RECORD"):
         Path(os.environ["APP_FSDP_RECORD"]).mkdir(parents=True, exist_ok=True)
         install(os.environ["APP_FSDP_RECORD"])
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], extra_callbacks=hooks))

@@ -1,7 +1,7 @@
 """Fault injection and per-step recording for runs of the training application (``main([...])``).
 
-Used in-process by the app tests and in subprocesses by ``app_run.py``.  ``install(spec)`` wraps
-``flatlora_dist.train.run.build_callbacks`` so every Trainer the app builds gets:
+Used in-process by the app tests and in subprocesses by ``app_run.py``.  ``hook(spec)`` is a function
+for ``main(argv, extra_callbacks=[hook(spec)])`` that gives the Trainer the app builds:
 
 - a record (JSONL, one file per rank: ``spec["record"]`` with ``{rank}`` filled) of every micro-batch
   (optimizer step, index in the window, sha256 of its ``input_ids``: the data order), of the noise
@@ -191,28 +191,18 @@ def _save_mid(rec: Recorder, trainer) -> None:
               noise_after=rec.noise(), perturbed_after=flat.is_perturbed)  # fmt: skip
 
 
-def install(spec: dict[str, Any]):
-    """Wrap ``run.build_callbacks``; returns an ``uninstall`` function (for in-process use)."""
-    import flatlora_dist.train.run as run_mod
+def hook(spec: dict[str, Any]):
+    """The recorder and fault injection of ``spec``, as an ``extra_callbacks`` entry of ``main``."""
 
-    original = run_mod.build_callbacks
-
-    def build_callbacks(trainer, cfg, *args, **kwargs):
-        flat = original(trainer, cfg, *args, **kwargs)
+    def add(trainer) -> None:
         rec = Recorder(spec)
         rec.trainer = trainer
         before, after = _callbacks(rec)
         trainer.callback_handler.callbacks.insert(0, before)
         trainer.add_callback(after)
         _wrap_training_step(rec, trainer)
-        return flat
 
-    run_mod.build_callbacks = build_callbacks
-
-    def uninstall() -> None:
-        run_mod.build_callbacks = original
-
-    return uninstall
+    return add
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

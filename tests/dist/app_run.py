@@ -19,10 +19,9 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from app_inject import install  # noqa: E402
+from app_inject import hook  # noqa: E402
 
 from flatlora_dist.train.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    install(json.loads(os.environ.get("APP_INJECT", "{}")))
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], extra_callbacks=[hook(json.loads(os.environ.get("APP_INJECT", "{}")))]))

@@ -63,7 +63,7 @@ def tiny(seed: int = 0):
     """The same PEFT LoRA tiny Llama (and byte-level tokenizer) on every rank and every call."""
     from tiny_lora import with_lora
 
-    from flatlora_dist.train.model import build_tiny_llama
+    from flatlora_dist.train.tiny import build_tiny_llama
 
     model, tok = build_tiny_llama(seed=seed)
     model.train()

@@ -30,7 +30,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "row_std_by_shard_local_row",
         "row std looked up by the shard-local instead of the global row",
-        (("flatlora_dist/inplace.py",
+        (("flatlora_dist/perturbation.py",
           "yield lo, self.layout.scale_(z, lo, std)",
           "yield lo, self.layout.scale_(z, lo - start, std)"),),
     ),
@@ -148,8 +148,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "resume_noise_check_skipped",
         "--resume accepts other noise settings than the checkpoint's",
-        (("flatlora_dist/train/run.py",
-          "            check_resume_noise(ckpt, cfg)\n",
+        (("flatlora_dist/train/preflight.py",
+          "            check_resume_noise(ckpt, cfg, noise_scheme)\n",
           "            pass\n"),),
     ),
     Mutant(

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from mutants import MUTANTS, Mutant  # noqa: E402
 
-COPIED = ("flatlora_dist", "tests", "launch", "bench", "ds_configs", "pyproject.toml", "README.md")
+COPIED = ("flatlora_dist", "tests", "launch", "bench", "studies", "ds_configs", "requirements", "pyproject.toml", "README.md")
 FIRST = ("test_noise.py", "test_layout.py", "test_sharded_regions.py", "test_inplace.py", "test_native_roundtrip.py", "test_native_norms.py",
          "test_noise_stats.py", "test_engine.py", "test_norm_reduction.py", "test_app_guards.py", "test_qlora.py")  # fmt: skip
 """Test files run first, in this order (the core's); the rest of ``tests/test_*.py`` follow by name."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
+from ..cache import cache_root
 from ..data import DataError, Example, prompt_response_example
-from ..model import cache_root
 
 VADER_VERSION = "3.3.2"
 SDIST_NAME = f"vaderSentiment-{VADER_VERSION}.tar.gz"

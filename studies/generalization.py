@@ -1,8 +1,8 @@
 """Two studies of Flat-LoRA against plain LoRA at small scale, from one command.
 
-    .venv/bin/python bench/generalization.py --study all            # the full configuration (defaults)
-    .venv/bin/python bench/generalization.py --study all --quick    # CI smoke run (seconds)
-    .venv/bin/python bench/generalization.py --report-only          # tables/plots from every run file in --out
+    .venv/bin/python studies/generalization.py --study all            # the full configuration (defaults)
+    .venv/bin/python studies/generalization.py --study all --quick    # CI smoke run (seconds)
+    .venv/bin/python studies/generalization.py --report-only          # tables/plots from every run file in --out
 
 **Study A: is this the paper's algorithm?**  Three arms per seed: ``lora``, ``flat<s>`` (this
 library) and ``ref<s>`` (:class:`reference.ReferenceFlatLoRA`: the official loop in plain PyTorch,
@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,9 +56,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))  # the one path setup: bench/'s reference loop and machine description
 
+from benchlib import machine  # noqa: E402
 from reference import ReferenceFlatLoRA  # noqa: E402
 from stats import bonferroni_level, holm, mean_std, paired, tost  # noqa: E402
 
@@ -298,8 +297,8 @@ class MathBench:
     """SmolLM2-135M on the ``gsm_symbolic`` math task: held-out-template loss per response token."""
 
     def __init__(self, cfg: dict, targets: str) -> None:
-        from flatlora_dist.train.data import load_task
         from flatlora_dist.train.model import load_model
+        from flatlora_dist.train.sources import load_task
 
         self.cfg = cfg
         self.targets = targets
@@ -664,18 +663,6 @@ def _pyplot():
 # ---------------------------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def task_arms(task: str, studies: list[str], sigmas: list[float], equiv_sigma: float, control: bool = False) -> list[str]:
     """Arms one task needs for the chosen studies (shared runs listed once); ``control`` adds study
     A's second-noise-stream arm."""
@@ -764,7 +751,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=None, help=f"seeds per arm to run (default {FULL['seeds']}); reports cover every seed in the run files")
     ap.add_argument("--math-targets", default="q_proj,v_proj", help="'all-linear' or comma-separated module names")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"override sizes: {sorted(FULL)}")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "studies" / "results")
     ap.add_argument("--resume", action="store_true", help="keep runs already in the run files")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP stalls on a shared box)")
     ap.add_argument("--report-only", action="store_true", help="only statistics, tables and plots from the run files")
