@@ -280,15 +280,16 @@ def check_attention(cfg: TrainConfig) -> None:
 
 
 def run_noise_scheme(cfg: TrainConfig) -> str:
-    """The noise scheme this run's engine will pick (``kernels.scheme_for`` of where the base weights
-    are stored: CPU without CUDA or under ZeRO-3 ``offload_param`` to CPU, else CUDA)."""
-    from ..kernels import scheme_for
+    """The noise scheme this run's engine will pick, as its state records it (``kernels.scheme_id`` of
+    ``kernels.scheme_for`` of where the base weights are stored: CPU without CUDA or under ZeRO-3
+    ``offload_param`` to CPU, else CUDA)."""
+    from ..kernels import scheme_for, scheme_id
 
     on_cpu = not torch.cuda.is_available()
     if cfg.ds_config and not on_cpu:
         offload = load_ds_config(cfg.ds_config).get("zero_optimization", {}).get("offload_param") or {}
         on_cpu = isinstance(offload, dict) and offload.get("device") == "cpu"
-    return scheme_for("cpu" if on_cpu else "cuda")
+    return scheme_id(scheme_for("cpu" if on_cpu else "cuda"))
 
 
 def check_resume_noise(ckpt: Path, cfg: TrainConfig) -> None:
