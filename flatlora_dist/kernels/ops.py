@@ -38,7 +38,7 @@ class Tiles:
     fixup_block: int
 
 
-GPU_TILES = Tiles(2048, 32, 128, 512)
+GPU_TILES = Tiles(2048, 64, 64, 512)
 INTERPRETER_TILES = Tiles(1 << 15, 64, 1024, 1 << 15)  # the interpreter's cost is per program
 TILES = GPU_TILES if not INTERPRETED or os.environ.get("FLATLORA_TILES") == "gpu" else INTERPRETER_TILES
 """``FLATLORA_TILES=gpu`` makes the interpreter launch exactly the GPU's grids (``bench/kernel_cost.py``)."""
@@ -196,16 +196,18 @@ def _row_sumsq_op(
     acc: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
     start: int, cols: int, out_axis: int, kind_: int,
 ) -> None:
-    stop = start + w.numel()
-    lo, hi = start // cols, (stop - 1) // cols + 1  # storage rows the region touches
+    n = w.numel()
+    _place(start, cols, n)  # the same 32-bit limit
+    lo, hi = start // cols, (start + n - 1) // cols + 1  # storage rows the region touches
     if out_axis == 0:
         o_lo, o_hi, i_lo, i_hi, so, si = lo, hi, 0, cols, cols, 1
     else:
         o_lo, o_hi, i_lo, i_hi, so, si = 0, cols, lo, hi, 1, cols
     r = a.shape[0]
     rp = max(16, triton.next_power_of_2(max(r, 1)))
+    off0 = o_lo * so + i_lo * si - start
     _run(K.row_sumsq_kernel, triton.cdiv(o_hi - o_lo, TILES.norm_bm),
-         w, a, b, acc, s, start, stop, o_hi, a.shape[1], o_lo, i_lo, i_hi, r, so, si,
+         w, a, b, acc, s, n, off0, o_hi, a.shape[1], o_lo, i_lo, i_hi, r, so, si,
          KIND=kind_, HAS_AB=r > 0, RP=rp, BM=TILES.norm_bm, BK=TILES.norm_bk)
 
 

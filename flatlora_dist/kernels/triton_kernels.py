@@ -42,7 +42,8 @@ does not round to nearest even):
   product, then a separate add: no FMA, as bitsandbytes' two ops).  Block sizes are powers of two.
 
 Indices inside a region are 32-bit (the host refuses regions with ``n + cols + BLOCK >= 2^31``); only
-the Philox counter and stored record indices are 64-bit.
+the Philox counter and stored record indices are 64-bit.  Scalar arguments are converted with
+``tl.cast``, never ``.to``: a launch specializes an integer argument equal to 1 into a constant.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def write_kernel(
     bits = tl.load(w_ptr + loc, mask=m, other=0)
     e = _noise(seed, std_ptr, pid, j4, m, nv, c, row_s, col_s, cols, inv_cols, OUT_AXIS, BLOCK // 4, QUAD)
     new, back = _round_trip(bits, e, KIND)
-    bad = m & (back != bits) & ((loc - skip_lo).to(tl.uint32) >= (skip_hi - skip_lo).to(tl.uint32))  # not skipped
+    bad = m & (back != bits) & (tl.cast(loc - skip_lo, tl.uint32) >= tl.cast(skip_hi - skip_lo, tl.uint32))  # not skipped
     if KIND == 0:
         wide = bad & (((bits ^ back) >> 16) != 0)
     else:
@@ -305,9 +306,9 @@ def write_kernel(
     fits = (base_n + nn <= cap_n) & (base_w + nw <= cap_w)  # once one program fails, all later ones do
     tl.atomic_max(ctr_ptr + 1, tl.where(fits, 0, UNSET - base))  # the first failure: where valid slots end
     if idx_ptr.dtype.element_ty == tl.int32:
-        k = start.to(tl.int32) + loc  # the weight has < 2^31 elements
+        k = tl.cast(start, tl.int32) + loc  # the weight has < 2^31 elements
     else:
-        k = start.to(tl.int64) + loc.to(tl.int64)
+        k = tl.cast(start, tl.int64) + loc.to(tl.int64)
     _scatter(idx_ptr, xor_ptr, base_n + pn, narrow & (pn < tl.where(fits, nn, 0)), k, (bits ^ back).to(tl.int16))
     if KIND == 0:
         _scatter(fidx_ptr, fval_ptr, base_w + pw, wide & (pw < tl.where(fits, nw, 0)), k, bits)
@@ -366,41 +367,48 @@ def noisy_kernel(
     tl.store(out_ptr + loc, _round_bits(_to_f32(bits, KIND) + e, KIND), mask=m)
 
 
+DOT: tl.constexpr = tl.constexpr("tf32x3")
+"""``row_sumsq``'s ``B·A`` precision: three TF32 tensor-core products (split operands), float32-level
+accuracy at about 2/3 of the instructions of float32 FMAs (the interpreter computes it in float32)."""
+
+
 @triton.jit
 def row_sumsq_kernel(
-    w_ptr, a_ptr, b_ptr, acc_ptr, s, start, stop, n_out, n_in, o_lo, i_lo, i_hi, r, so, si,
+    w_ptr, a_ptr, b_ptr, acc_ptr, s, n, off0, n_out, n_in, o_lo, i_lo, i_hi, r, so, si,
     KIND: tl.constexpr, HAS_AB: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """``acc[o] += sum_i (W[o, i] + s·(B·A)[o, i])²`` over the elements of flat ``[start, stop)``.
+    """``acc[o] += sum_i (W[o, i] + s·(B·A)[o, i])²`` over the ``n`` elements of a region.
 
-    ``w``: the region (element ``j`` = flat ``start + j``); flat index of ``(o, i)`` = ``o·so + i·si``
-    (``(cols, 1)`` for ``out_axis`` 0, ``(1, cols)`` for 1).  Each program owns ``BM`` output features
-    and loops over in-features ``[i_lo, i_hi)``, so every ``acc`` entry is written by one program
-    (deterministic).  ``A`` (r, in) and ``B`` (out, r) are contiguous float32; ``r`` is padded to ``RP``.
-    The loop is a ``while`` on scalars (not ``range`` over runtime bounds: Triton 3.6's interpreter
-    cannot take those with numpy >= 2.4).
+    Element ``(o, i)`` of the weight sits at region offset ``(o - o_lo)·so + (i - i_lo)·si + off0`` (``(so,
+    si)`` = ``(cols, 1)`` for ``out_axis`` 0, ``(1, cols)`` for 1; ``off0`` = the offset of ``(o_lo, i_lo)``,
+    negative when the region starts inside a row): 32-bit arithmetic.  Each program owns ``BM`` output
+    features and loops over in-features ``[i_lo, i_hi)``, so every ``acc`` entry is written by one
+    program (deterministic).  ``A`` (r, in) and ``B`` (out, r) are contiguous float32; ``r`` is padded to
+    ``RP``.  The loop is a ``while`` on scalars (not ``range`` over runtime bounds: Triton 3.6's
+    interpreter cannot take those with numpy >= 2.4).
     """
-    o = o_lo + tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    om = o < n_out
+    do = tl.program_id(0) * BM + tl.arange(0, BM)  # o - o_lo
+    om = do < n_out - o_lo
     rr = tl.arange(0, RP)
     if HAS_AB:
-        b = tl.load(b_ptr + o[:, None] * r + rr[None, :], mask=om[:, None] & (rr[None, :] < r), other=0.0)
+        b = tl.load(b_ptr + (o_lo + do)[:, None] * r + rr[None, :], mask=om[:, None] & (rr[None, :] < r), other=0.0)
+    row = do * so + off0
     total = tl.zeros((BM,), dtype=tl.float32)
-    i0 = i_lo.to(tl.int64)
+    i0 = i_lo
     while i0 < i_hi:
         i = i0 + tl.arange(0, BK)
-        flat = o[:, None] * so + i[None, :] * si
-        m = om[:, None] & (i[None, :] < i_hi) & (flat >= start) & (flat < stop)
-        x = _to_f32(tl.load(w_ptr + (flat - start), mask=m, other=0), KIND)
+        loc = row[:, None] + ((i - i_lo) * si)[None, :]
+        m = (om[:, None] & (i < i_hi)[None, :]) & (loc.to(tl.uint32) < tl.cast(n, tl.uint32))  # 0 <= loc < n
+        x = _to_f32(tl.load(w_ptr + loc, mask=m, other=0), KIND)
         if HAS_AB:
-            am = (rr[:, None] < r) & (i[None, :] < i_hi)
-            a = tl.load(a_ptr + rr[:, None] * n_in + i[None, :], mask=am, other=0.0)
-            x += s * tl.dot(b, a, input_precision="ieee")
+            a = tl.load(a_ptr + rr[:, None] * n_in + i[None, :], mask=(rr[:, None] < r) & (i < i_hi)[None, :],
+                        other=0.0)
+            x += s * tl.dot(b, a, input_precision=DOT)
         x = tl.where(m, x, 0.0)
         total += tl.sum(x * x, axis=1)
         i0 += BK
-    old = tl.load(acc_ptr + o, mask=om, other=0.0)
-    tl.store(acc_ptr + o, old + total, mask=om)
+    old = tl.load(acc_ptr + o_lo + do, mask=om, other=0.0)
+    tl.store(acc_ptr + o_lo + do, old + total, mask=om)
 
 
 @triton.jit
