@@ -29,11 +29,11 @@ def _kernel_cost(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scale", [64, 16])
-def test_sass_per_element_of_a_7b_layer_stays_under_the_bounds(scale):
-    """One perturb + stats + restore of a LLaMA-7B layer (1/64 and 1/16 of its dimensions) and one QLoRA
-    layer call with noise, as launched, compiled for sm_90."""
-    p = _kernel_cost("--json", "--scale", str(scale), "--jobs", "2")
+def test_sass_per_element_of_a_7b_layer_stays_under_the_bounds():
+    """One perturb + stats + restore of a LLaMA-7B layer (1/64 of its dimensions: per element the cost only
+    falls with size, ``bench/results/RESULTS.md`` section 8 has 1/16) and one QLoRA layer call with noise,
+    as launched, compiled for sm_90 (~1 min on 2 cores)."""
+    p = _kernel_cost("--json", "--scale", "64", "--jobs", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     dense, qlora = res["dense"], res["qlora_layer_call"]
