@@ -9,6 +9,10 @@ Flat/LoRA step ratio at these shapes.
   scheme ``FLATLORA_KERNELS`` selects (``auto``: fused on CUDA).
 * ``copy_ms``: median of ``dst.copy_(w)`` over the same seven weights (one read + one write of every
   byte): the bandwidth floor.  ``ratio_vs_copy`` = perturb_restore / copy (goal <= 5 on a GPU).
+* ``kernels`` (fused scheme): each kernel of the step alone over the seven weights (on copies), median
+  ms and its ratio to ``copy_ms``: ``write`` (perturb's one pass, records into ample buffers), ``restore``
+  (the subtract pass), ``row_sumsq`` (the norms of ``W + s·BA``); the bandwidth floor of a pass that
+  reads and writes every byte once is ``copy_ms`` (``row_sumsq`` only reads).
 * ``step_ratio``: a training step of the seven projections (forward + backward of ``tokens`` tokens
   through q, k, v, o and the gated MLP, LoRA on all seven) with Flat-LoRA (perturb, step, restore) over
   the same step without it, medians of interleaved runs (goal <= 1.02 on a GPU).
@@ -59,6 +63,51 @@ def _forward(model, x: torch.Tensor) -> torch.Tensor:
     return m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
 
 
+def kernel_times(flat: FlatLoRA, device: torch.device, reps: int, copy_ms: float) -> dict:
+    """Median ms of each fused kernel of a step over the seven weights (copies), and its ratio to ``copy_``."""
+    from flatlora_dist.kernels import load_ops
+
+    ops = load_ops()
+    flat.perturb(1)  # for the noise keys (row std)
+    keys = [flat.noise_key(t) for t in flat.targets]
+    flat.restore()
+    ws = [t.weight.detach().clone() for t in flat.targets]
+    go = torch.ones(1, dtype=torch.int64, device=device)
+    bufs = []
+    for w in ws:
+        n = w.numel()
+        it = torch.int32 if n < 2**31 else torch.int64
+        bufs.append((torch.zeros(2, dtype=torch.int64, device=device),
+                     torch.zeros(ops.programs_at(n, 0), dtype=torch.int8, device=device),
+                     (torch.empty(n, dtype=it, device=device), torch.empty(n, dtype=torch.int16, device=device),
+                      torch.empty(n, dtype=it, device=device), torch.empty(n, dtype=w.dtype, device=device))))
+
+    def write() -> None:
+        for w, k, (ctr, done, rec) in zip(ws, keys, bufs):
+            ctr.zero_()
+            ops.perturb(w.view(-1), k.std, go, ctr, done, rec, 0, k.layout.cols, k.seed64, (0, 0), k.layout.out_axis)
+
+    def restore() -> None:
+        for w, k in zip(ws, keys):
+            ops.restore(w.view(-1), k.std, 0, k.layout.cols, k.seed64, k.layout.out_axis)
+
+    factors = []
+    for t in flat.targets:
+        a, b, s = t.local_factors()[0]
+        factors.append((a.detach().float().contiguous(), b.detach().float().contiguous(), s))
+    acc = torch.zeros(max(t.layout.out_features for t in flat.targets), dtype=torch.float32, device=device)
+
+    def norms() -> None:
+        for t, w, (a, b, s) in zip(flat.targets, ws, factors):
+            ops.row_sumsq(acc, w.view(-1), a, b, s, 0, t.layout.cols, t.layout.out_axis)
+
+    out = {}
+    for name, fn in (("write", write), ("restore", restore), ("row_sumsq", norms)):
+        ms = median_ms(fn, device, reps)
+        out[name] = {"ms": ms, "ratio_vs_copy": ms / copy_ms}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +143,9 @@ def main() -> None:
     res["ratio_vs_copy"] = res["perturb_restore_ms"] / res["copy_ms"]
     res["bitwise_restored"] = all(torch.equal(w, c) for w, c in zip(weights, clean))
     res["fixups"] = flat.stats()["fixups"]
+
+    if flat.scheme == "fused":
+        res["kernels"] = kernel_times(flat, device, args.reps, res["copy_ms"])
 
     hidden = model.base_model.model.q_proj.in_features
     x = torch.randn(args.tokens, hidden, device=device, dtype=dtype)

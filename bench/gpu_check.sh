@@ -10,12 +10,15 @@
 #      SmolLM2-135M's shape (the package with its weights cannot travel to the GPU image), 4096 tokens per step
 #                                                                            -> $OUT/overhead.json
 #   7. bench/fused_layer.py: one LLaMA-7B layer's perturb+restore (fused scheme) vs a copy_ of the same
-#      bytes (bandwidth floor), and the Flat/LoRA step ratio at 7B layer shapes -> $OUT/fused_layer.json
+#      bytes (bandwidth floor), each fused kernel alone (write, restore, row_sumsq) vs that copy_, and
+#      the Flat/LoRA step ratio at 7B layer shapes                           -> $OUT/fused_layer.json
 #   8. bench/launches.py: launches and host syncs of one 7B layer, fused and blocks -> $OUT/launches.json
 #   9. bench/launches.py --qlora: the same layer as nf4 4-bit targets, a step and a layer call
 #                                                                            -> $OUT/launches_qlora.json
 #  10. bench/qlora_fused.py: QLoRA's noisy weight for one 7B layer (nf4): the one-kernel noisy_4bit vs
 #      bitsandbytes' dequantize alone and vs dequantize + noisy               -> $OUT/qlora_fused.json
+#  11. bench/kernel_cost.py: the same kernels' static SASS per element (sm_90, compiled here with
+#      Triton's ptxas; needs no GPU), next to their timings                   -> $OUT/kernel_cost.json
 #   $OUT/summary.json lists every step with its exit code and seconds; each step's output is in
 #   $OUT/<step>.log.  Steps run under `timeout` within a global 570 s deadline; a failing step does
 #   not stop the others; the script exits 1 if any step failed.
@@ -121,6 +124,8 @@ run_step launches_qlora 120 bash -c '"$0" bench/launches.py --qlora --json --dev
 
 run_step qlora_fused 90 "$PY" bench/qlora_fused.py --device "$DEVICE" --dtype bfloat16 "${QFUSED_ARGS[@]}" \
   --json "$OUT/qlora_fused.json"
+
+run_step kernel_cost 150 bash -c '"$0" bench/kernel_cost.py --json --scale 64 > "$OUT/kernel_cost.json"' "$PY"
 
 run_step qlora_overhead 150 "$PY" bench/qlora_overhead.py --device "$DEVICE" "${QLORA_ARGS[@]}"
 

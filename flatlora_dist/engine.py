@@ -24,7 +24,7 @@ from torch import nn
 from . import functional, fused
 from .config import FlatLoRAConfig
 from .inplace import perturb_regions, restore_regions
-from .kernels import scheme_for
+from .kernels import scheme_for, scheme_id
 from .norms import reduction_group, row_norms
 from .perturbation import Fixups, NoiseKey
 from .schedule import noise_factor
@@ -87,6 +87,7 @@ class FlatLoRA:
         self._stats: dict[str, Any] = {}
         self._std_stats: torch.Tensor | None = None  # (mean, max) row std, on the device until stats()
         self._allreduces = 0
+        self._record_hints: dict[str, tuple[int, int]] = {}  # fused scheme: last record totals (capacities)
 
     # ------------------------------------------------------------------ set-up
     def _pick_functional(self, t: LoraTarget) -> bool:
@@ -243,8 +244,8 @@ class FlatLoRA:
         self._stats.update(fixups=sum(f.count for f in fix), fixup_bytes=sum(f.nbytes for f in fix))
 
     def _apply_fused(self, active: _Active, std: torch.Tensor, finite: torch.Tensor) -> bool:
-        """The fused scheme: count every region, one host read (with ``finite`` and the row-std
-        statistics), then write.  Returns ``False`` when the step is skipped (``skip_nonfinite``)."""
+        """The fused scheme: perturb every region in one pass (gated on ``finite`` on the device), then one
+        host read (``finite``, the row-std statistics and the record counters).  Returns ``False`` when the step is skipped (``skip_nonfinite``)."""
         keys = {id(t): self._key(t, active.step, std) for t in self.targets}
         dense = [t for t in self.targets if not self._functional[id(t)]]
         taken = []
@@ -253,7 +254,7 @@ class FlatLoRA:
             for t in dense:
                 items.append((keys[id(t)], self._backend_of[id(t)].begin_write(t, Phase.PERTURB)))
                 taken.append(t)
-            head, plans = fused.perturb_all(items, self._header(finite), std.device)
+            head, plans = fused.perturb_all(items, self._header(finite), std.device, self._record_hints)
         except BaseException:
             self._release(taken)
             raise
@@ -262,6 +263,7 @@ class FlatLoRA:
             return not self._nonfinite()
         mean, top = _floats(head[1])
         self._stats.update(mean_row_std=mean, max_row_std=top)
+        self._record_hints = {p.key.name: p.totals for p in plans}
         self._std_stats = None  # already on the host
         self._commit(active, dense, keys, {id(t): fused.fixups(p) for t, p in zip(dense, plans)})
         self._install_functional(active, keys)
@@ -357,7 +359,7 @@ class FlatLoRA:
             "version": STATE_VERSION,
             "config": self.config.to_dict(),
             "last_step": self._last_step,
-            "noise_scheme": self.scheme,
+            "noise_scheme": scheme_id(self.scheme),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -367,13 +369,18 @@ class FlatLoRA:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "config" not in state:
             raise ValueError(f"not a FlatLoRA state dict (version {STATE_VERSION}): {state!r:.200}")
         scheme = state.get("noise_scheme", "blocks")  # states written before the fused scheme existed
-        if scheme != self.scheme:
-            raise ValueError(
-                f"this FlatLoRA state was written with the {scheme!r} noise scheme but this run uses "
-                f"{self.scheme!r} (different noise values); resume with FLATLORA_KERNELS={scheme}"
-            )
+        if scheme != scheme_id(self.scheme):
+            raise ValueError(_scheme_mismatch(scheme, scheme_id(self.scheme)))
         saved = FlatLoRAConfig.from_dict(state["config"])
         self.config = replace(saved, total_steps=saved.total_steps or self.config.total_steps)
         self._last_step = state.get("last_step")
 
 
+def _scheme_mismatch(saved: str, current: str) -> str:
+    """Why a state written with noise scheme ``saved`` cannot be resumed by a run drawing ``current``."""
+    head = f"this FlatLoRA state was written with the {saved!r} noise scheme but this run uses {current!r} " \
+           "(different noise values)"
+    if saved.startswith("fused") and current.startswith("fused"):
+        return (f"{head}: this flatlora_dist draws only fused-v{current.rsplit('v', 1)[-1]}; resume with the "
+                "release that wrote the state, or restart the run")
+    return f"{head}; resume with FLATLORA_KERNELS={saved.split('-v')[0]}"

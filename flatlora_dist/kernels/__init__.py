@@ -4,9 +4,12 @@ Two schemes define the noise of element ``k`` of a weight at one step (see ``noi
 
 * ``blocks`` — the weight is cut into ``NOISE_BLOCK`` blocks drawn with the device's native generator
   (the CPU default; values pinned by the project's golden hashes).
-* ``fused`` — ``z_k = randn(Philox(key, k))`` with ``key = noise.key_seed(seed, step, name)`` and the
-  counter = the global flat index ``k`` (64-bit), computed inside one Triton kernel per region and
-  phase (``kernels/triton_kernels.py``), so cost is proportional to bytes, not blocks.
+* ``fused`` (version 2, recorded as ``fused-v2``) — ``z_k`` = value ``k & 3`` of the four normals that
+  one Philox4x32-10 call on counter ``k >> 2`` gives (both outputs of two Box-Muller pairs), keyed by
+  ``key = noise.key_seed(seed, step, name)`` (``k`` = the global flat index, 64-bit), computed inside one
+  Triton kernel per region and phase (``kernels/triton_kernels.py``), so cost is proportional to bytes,
+  not blocks.  Version 1 (recorded as ``fused``) drew ``tl.randn(key, k)``: one Philox call and one
+  precise Box-Muller per value, ~8x the instructions; a state written with it cannot be resumed here.
 
 ``FLATLORA_KERNELS=auto|fused|blocks`` selects: ``auto`` = fused on CUDA when Triton imports, else
 blocks.  ``fused`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the Triton interpreter; set before
@@ -24,6 +27,8 @@ import torch
 
 ENV = "FLATLORA_KERNELS"
 SCHEMES = ("auto", "fused", "blocks")
+FUSED_VERSION = 2
+"""Version of the fused scheme's noise definition (part of what a state dict records)."""
 
 
 def requested() -> str:
@@ -70,3 +75,9 @@ def load_ops() -> ModuleType:
     from . import ops as _ops
 
     return _ops
+
+
+def scheme_id(scheme: str) -> str:
+    """What a state dict records for a scheme: ``"blocks"``, or ``"fused-v2"`` for the fused one (a state
+    without the entry predates the fused scheme: blocks; ``"fused"``: the fused scheme's version 1)."""
+    return f"fused-v{FUSED_VERSION}" if scheme == "fused" else scheme

@@ -8,6 +8,7 @@ float format the bits hold.  Importing this module imports Triton.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,11 +23,31 @@ if TYPE_CHECKING:
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _KIND_BITS = (torch.int32, torch.int16, torch.int16)  # bit-view dtype by kernel format code
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK = 1 << 15 if INTERPRETED else 1024
-"""Elements per program.  Values and record order do not depend on it (noise is keyed by index)."""
-NORM_BM, NORM_BK = (64, 1024) if INTERPRETED else (32, 128)
+INTERPRETED = K.INTERPRETED
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Work per program: ``block`` elements (a multiple of 4) for the elementwise kernels, ``norm_bm`` rows
+    x ``norm_bk`` columns per step for ``row_sumsq``, ``fixup_block`` records for ``apply_fixups``.  Values
+    and records do not depend on them."""
+
+    block: int
+    norm_bm: int
+    norm_bk: int
+    fixup_block: int
+
+
+GPU_TILES = Tiles(2048, 64, 64, 512)
+INTERPRETER_TILES = Tiles(1 << 15, 64, 1024, 1 << 15)  # the interpreter's cost is per program
+TILES = GPU_TILES if not INTERPRETED or os.environ.get("FLATLORA_TILES") == "gpu" else INTERPRETER_TILES
+"""``FLATLORA_TILES=gpu`` makes the interpreter launch exactly the GPU's grids (``bench/kernel_cost.py``)."""
+BLOCK = TILES.block
 _LAUNCH = {} if INTERPRETED else {"enable_fp_fusion": False}  # w + std*z is two roundings, as documented
+MAX_REGION = 2**31 - 2**22
+"""Largest ``n + cols`` of a region: offsets inside a region are 32-bit."""
+RECORDER: list | None = None
+"""When a list, every launch appends ``(kernel, grid, args, constexprs)`` (``bench/kernel_cost.py``)."""
 
 
 def kind(dtype: torch.dtype) -> int:
@@ -46,8 +67,49 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def programs(n: int) -> int:
-    """Programs (rows of the counts buffer) a region of ``n`` elements takes."""
+    """Programs an elementwise kernel over ``n`` elements from an aligned start takes (one more
+    when the start is not a multiple of 4: see ``_grid``)."""
     return triton.cdiv(n, BLOCK)
+
+
+def _grid(n: int, start: int) -> int:
+    """Programs covering global ``[start, start + n)`` in tiles that begin at multiples of 4."""
+    return triton.cdiv(n + start % 4, BLOCK)
+
+
+def _place(start: int, cols: int, n: int) -> tuple[int, int, int, float]:
+    """``(row, column)`` of the region's aligned start ``start & ~3``, ``cols`` and ``1 / cols``, after
+    checking that the region's offsets fit 32 bits."""
+    if n + cols + BLOCK >= MAX_REGION:
+        raise NotImplementedError(
+            f"a region of {n} elements with rows of {cols} is too large for the fused kernels' 32-bit offsets; "
+            "set FLATLORA_KERNELS=blocks"
+        )
+    a = start - start % 4
+    return a // cols, a % cols, cols, 1.0 / cols
+
+
+def _quad(start: int, cols: int) -> bool:
+    """The kernels' fast path: the region starts at a multiple of 4 and rows are multiples of 4 long."""
+    return start % 4 == 0 and cols % 4 == 0
+
+
+def _run(kernel, grid: int, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid`` programs (one dispatched op: callers are ``triton_op``s).
+
+    ``wrap_triton`` makes the launch traceable; torch < 2.13 refuses the interpreter's
+    ``InterpretedFunction``, which is then launched directly (still inside the one custom op)."""
+    if RECORDER is not None:
+        RECORDER.append((kernel, grid, args, meta))
+    if grid == 0:
+        return
+    try:
+        launcher = wrap_triton(kernel)
+    except RuntimeError:
+        if not INTERPRETED:
+            raise
+        launcher = kernel
+    launcher[(grid,)](*args, **meta, **_LAUNCH)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -62,39 +124,30 @@ def _check_device(t: torch.Tensor) -> None:
 @triton_op("flatlora::noise", mutates_args={"out"})
 def _noise_op(out: torch.Tensor, start: int, seed: int) -> None:
     n = out.numel()
-    wrap_triton(K.noise_kernel)[(programs(n),)](out, n, start, seed, BLOCK=BLOCK, **_LAUNCH)
+    _run(K.noise_kernel, _grid(n, start), out, n, start >> 2, start & 3, seed, QUAD=start % 4 == 0, BLOCK=BLOCK)
 
 
-@triton_op("flatlora::perturb_count", mutates_args={"cnt"})
-def _count_op(
-    w: torch.Tensor, std: torch.Tensor, cnt: torch.Tensor, start: int, cols: int, seed: int,
-    skip_lo: int, skip_hi: int, out_axis: int, kind_: int,
-) -> None:
-    n = w.numel()
-    wrap_triton(K.count_kernel)[(programs(n),)](
-        w, std, cnt, n, start, cols, seed, skip_lo, skip_hi, OUT_AXIS=out_axis, KIND=kind_, BLOCK=BLOCK, **_LAUNCH
-    )
-
-
-@triton_op("flatlora::perturb_write", mutates_args={"w", "idx", "xor", "fidx", "fval"})
-def _write_op(
-    w: torch.Tensor, std: torch.Tensor, cnt: torch.Tensor, incl: torch.Tensor, base: torch.Tensor,
+@triton_op("flatlora::perturb", mutates_args={"w", "ctr", "done", "idx", "xor", "fidx", "fval"})
+def _perturb_op(
+    w: torch.Tensor, std: torch.Tensor, go: torch.Tensor, ctr: torch.Tensor, done: torch.Tensor,
     idx: torch.Tensor, xor: torch.Tensor, fidx: torch.Tensor, fval: torch.Tensor,
-    start: int, cols: int, seed: int, skip_lo: int, skip_hi: int, out_axis: int, kind_: int,
+    start: int, cols: int, seed: int, skip_lo: int, skip_hi: int, redo: bool, out_axis: int, kind_: int,
 ) -> None:
     n = w.numel()
-    wrap_triton(K.write_kernel)[(programs(n),)](
-        w, std, cnt, incl, base, idx, xor, fidx, fval, n, start, cols, seed, skip_lo, skip_hi,
-        OUT_AXIS=out_axis, KIND=kind_, BLOCK=BLOCK, **_LAUNCH,
-    )
+    row_s, col_s, cols, inv = _place(start, cols, n)
+    lo, hi = (min(max(x - start, 0), n) for x in (skip_lo, skip_hi))
+    _run(K.write_kernel, _grid(n, start), w, std, go, ctr, done, idx, xor, fidx, fval, n, start, start >> 2, start & 3,
+         row_s, col_s, cols,
+         inv, seed, lo, max(lo, hi), idx.numel(), fidx.numel(), int(redo), OUT_AXIS=out_axis, KIND=kind_,
+         QUAD=_quad(start, cols), BLOCK=BLOCK)
 
 
 @triton_op("flatlora::restore", mutates_args={"w"})
 def _restore_op(w: torch.Tensor, std: torch.Tensor, start: int, cols: int, seed: int, out_axis: int, kind_: int) -> None:
     n = w.numel()
-    wrap_triton(K.restore_kernel)[(programs(n),)](
-        w, std, n, start, cols, seed, OUT_AXIS=out_axis, KIND=kind_, BLOCK=BLOCK, **_LAUNCH
-    )
+    row_s, col_s, cols, inv = _place(start, cols, n)
+    _run(K.restore_kernel, _grid(n, start), w, std, n, start >> 2, start & 3, row_s, col_s, cols, inv, seed,
+         OUT_AXIS=out_axis, KIND=kind_, QUAD=_quad(start, cols), BLOCK=BLOCK)
 
 
 @triton_op("flatlora::apply_fixups", mutates_args={"w"})
@@ -103,20 +156,25 @@ def _fixup_op(
     start: int, kind_: int,
 ) -> None:
     n = max(idx.numel(), fidx.numel())
-    wrap_triton(K.fixup_kernel)[(programs(n),)](
-        w, idx, xor, fidx, fval, idx.numel(), fidx.numel(), start, start + w.numel(), KIND=kind_, BLOCK=BLOCK,
-        **_LAUNCH,
-    )
+    _run(K.fixup_kernel, triton.cdiv(n, TILES.fixup_block), w, idx, xor, fidx, fval, idx.numel(), fidx.numel(), start,
+         start + w.numel(), KIND=kind_, BLOCK=TILES.fixup_block)
 
 
 @triton_op("flatlora::noisy", mutates_args={})
 def _noisy_op(w: torch.Tensor, std: torch.Tensor, cols: int, seed: int, out_axis: int, kind_: int) -> torch.Tensor:
     out = torch.empty_like(w)
     n = w.numel()
-    wrap_triton(K.noisy_kernel)[(programs(n),)](
-        w, out, std, n, cols, seed, OUT_AXIS=out_axis, KIND=kind_, BLOCK=BLOCK, **_LAUNCH
-    )
+    _, _, cols, inv = _place(0, cols, n)
+    _run(K.noisy_kernel, _grid(n, 0), w, out, std, n, cols, inv, seed, OUT_AXIS=out_axis, KIND=kind_,
+         QUAD=_quad(0, cols), BLOCK=BLOCK)
     return out
+
+
+def _log2(x: int, what: str, least: int = 1) -> int:
+    if x < least or x & (x - 1):
+        raise NotImplementedError(
+            f"the fused 4-bit kernel needs a power-of-two {what} of at least {least}, not {x}; set FLATLORA_KERNELS=blocks")
+    return x.bit_length() - 1
 
 
 @triton_op("flatlora::noisy_4bit", mutates_args={})
@@ -126,10 +184,10 @@ def _noisy_4bit_op(
     nested: bool, qkind: int, kind_: int, noise_: bool,
 ) -> torch.Tensor:
     out = torch.empty(n, dtype=_KIND_BITS[kind_], device=data.device)
-    wrap_triton(K.noisy_4bit_kernel)[(programs(n),)](
-        data, absmax, absmax2, code, code2, offset, std, out, n, cols, seed, blocksize, blocksize2,
-        NESTED=nested, QKIND=qkind, KIND=kind_, NOISE=noise_, BLOCK=BLOCK, **_LAUNCH,
-    )
+    _, _, cols, inv = _place(0, cols, n)
+    _run(K.noisy_4bit_kernel, _grid(n, 0), data, absmax, absmax2, code, code2, offset, std, out, n, cols, inv, seed,
+         _log2(blocksize, "blocksize", 4), _log2(blocksize2, "nested blocksize"),
+         NESTED=nested, QKIND=qkind, KIND=kind_, NOISE=noise_, QUAD=_quad(0, cols), BLOCK=BLOCK)
     return out
 
 
@@ -138,18 +196,19 @@ def _row_sumsq_op(
     acc: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
     start: int, cols: int, out_axis: int, kind_: int,
 ) -> None:
-    stop = start + w.numel()
-    lo, hi = start // cols, (stop - 1) // cols + 1  # storage rows the region touches
+    n = w.numel()
+    _place(start, cols, n)  # the same 32-bit limit
+    lo, hi = start // cols, (start + n - 1) // cols + 1  # storage rows the region touches
     if out_axis == 0:
         o_lo, o_hi, i_lo, i_hi, so, si = lo, hi, 0, cols, cols, 1
     else:
         o_lo, o_hi, i_lo, i_hi, so, si = 0, cols, lo, hi, 1, cols
     r = a.shape[0]
     rp = max(16, triton.next_power_of_2(max(r, 1)))
-    wrap_triton(K.row_sumsq_kernel)[(triton.cdiv(o_hi - o_lo, NORM_BM),)](
-        w, a, b, acc, s, start, stop, o_hi, a.shape[1], o_lo, i_lo, i_hi, r, so, si,
-        KIND=kind_, HAS_AB=r > 0, RP=rp, BM=NORM_BM, BK=NORM_BK, **_LAUNCH,
-    )
+    off0 = o_lo * so + i_lo * si - start
+    _run(K.row_sumsq_kernel, triton.cdiv(o_hi - o_lo, TILES.norm_bm),
+         w, a, b, acc, s, n, off0, o_hi, a.shape[1], o_lo, i_lo, i_hi, r, so, si,
+         KIND=kind_, HAS_AB=r > 0, RP=rp, BM=TILES.norm_bm, BK=TILES.norm_bk)
 
 
 # ---------------------------------------------------------------------------------------- wrappers
@@ -162,22 +221,25 @@ def noise(seed: int, start: int, stop: int, device: torch.device) -> torch.Tenso
     return out
 
 
-def count(w: torch.Tensor, std: torch.Tensor, cnt: torch.Tensor, start: int, cols: int, seed: int,
-          skip: tuple[int, int], out_axis: int) -> None:
-    """Pass 1: fill ``cnt`` (``programs(w.numel())`` x 2 int64) with per-program record counts."""
+def perturb(w: torch.Tensor, std: torch.Tensor, go: torch.Tensor, ctr: torch.Tensor, done: torch.Tensor,
+            records: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], start: int, cols: int,
+            seed: int, skip: tuple[int, int], out_axis: int, redo: bool = False) -> None:
+    """One-pass perturb of a region: ``w'`` into ``w``, its records appended to ``records`` (index, xor,
+    full_index, full_values; capacities = their lengths) through the target's counters ``ctr`` (int64 x 2).
+
+    ``go`` (int64, first element): 0 = write nothing.  ``done``: one int8 per program (``programs_at``),
+    zeroed by the caller; programs whose records do not fit write nothing and keep ``done`` 0, for a
+    second call with ``redo=True`` into fresh buffers and counters.
+    """
     _check_device(w)
-    torch.ops.flatlora.perturb_count(bits(w), std, cnt, start, cols, seed, skip[0], skip[1], out_axis, kind(w.dtype))
-
-
-def write(w: torch.Tensor, std: torch.Tensor, cnt: torch.Tensor, incl: torch.Tensor, base: torch.Tensor,
-          records: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], start: int, cols: int,
-          seed: int, skip: tuple[int, int], out_axis: int) -> None:
-    """Pass 2: write ``w'`` into ``w`` and the records (index, xor, full_index, full_values) in place."""
     idx, xor, fidx, fval = records
-    torch.ops.flatlora.perturb_write(
-        bits(w), std, cnt, incl, base, idx, xor, fidx, bits(fval), start, cols, seed, skip[0], skip[1],
-        out_axis, kind(w.dtype),
-    )
+    torch.ops.flatlora.perturb(bits(w), std, go, ctr, done, idx, xor, fidx, bits(fval), start, cols, seed, skip[0],
+                               skip[1], redo, out_axis, kind(w.dtype))
+
+
+def programs_at(n: int, start: int) -> int:
+    """Programs (``done`` flags) of the perturb kernel over global ``[start, start + n)``."""
+    return _grid(n, start)
 
 
 def restore(w: torch.Tensor, std: torch.Tensor, start: int, cols: int, seed: int, out_axis: int) -> None:

@@ -154,10 +154,15 @@ def _rows_4bit(target: LoraTarget, r0: int, r1: int) -> torch.Tensor:
 
 @cache
 def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """bitsandbytes' 16-value nf4/fp4 table on ``device`` (built once per device: no copy per call)."""
+    """bitsandbytes' 16-value nf4/fp4 table on ``device`` (built once per device: no copy per call), as its
+    dequantize kernels decode it: fp4's code 8 (sign bit, zero magnitude) is -0.0 there, while
+    ``get_4bit_type`` lists +0.0."""
     from bitsandbytes.functional import get_4bit_type
 
-    return get_4bit_type(quant_type, device=device).float().contiguous()
+    code = get_4bit_type(quant_type, device=device).float().clone()
+    if quant_type == "fp4":
+        code[8] = -0.0
+    return code.contiguous()
 
 
 def _as_device_scalar(x, device: torch.device) -> torch.Tensor:

@@ -190,16 +190,17 @@ def zero_stage(ds: dict[str, Any] | None) -> int:
 
 
 def run_noise_scheme(ds: dict[str, Any] | None) -> str:
-    """The noise scheme this run's engine will pick (``kernels.scheme_for`` of where the base weights
-    are stored: CPU without CUDA or under ZeRO-3 ``offload_param`` to CPU, else CUDA); ``ds``: the run's
-    DeepSpeed config as read (``None`` without DeepSpeed)."""
-    from ..kernels import scheme_for
+    """The noise scheme this run's engine will pick, as its state records it (``kernels.scheme_id`` of
+    ``kernels.scheme_for`` of where the base weights are stored: CPU without CUDA or under ZeRO-3
+    ``offload_param`` to CPU, else CUDA); ``ds``: the run's DeepSpeed config as read (``None`` without
+    DeepSpeed)."""
+    from ..kernels import scheme_for, scheme_id
 
     on_cpu = not torch.cuda.is_available()
     if ds is not None and not on_cpu:
         offload = ds.get("zero_optimization", {}).get("offload_param") or {}
         on_cpu = isinstance(offload, dict) and offload.get("device") == "cpu"
-    return scheme_for("cpu" if on_cpu else "cuda")
+    return scheme_id(scheme_for("cpu" if on_cpu else "cuda"))
 
 
 def _noise_scheme_of(cfg: TrainConfig) -> str:
