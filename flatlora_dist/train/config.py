@@ -17,7 +17,7 @@ import yaml
 
 from ..config import FlatLoRAConfig
 
-DATA_FORMATS = ("auto", "alpaca", "chat")
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 
 
 class ConfigError(ValueError):
@@ -29,13 +29,23 @@ class TrainConfig:
     """Every setting of ``launch/train.py`` (each one is also a ``--flag``)."""
 
     # what to train
-    model: str = field(default="smollm2-135m", metadata={"help": "a local path, 'smollm2-135m' or 'tiny'"})
+    model: str = field(default="smollm2-135m", metadata={"help": "a local folder, a Hub model ID (from the HF cache; downloaded unless HF_HUB_OFFLINE=1), "
+                          "'smollm2-135m' (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32) or 'tiny'"})  # fmt: skip
     task: str = field(default="math", metadata={"help": "built-in task: 'math' or 'sentiment'"})
     data: str | None = field(
-        default=None, metadata={"help": "JSONL training file (alpaca or chat); overrides task"}
+        default=None,
+        metadata={"help": "training data (overrides task): a .jsonl/.json/.parquet/.csv file, a datasets "
+                          "save_to_disk folder or a Hub dataset ID in the HF cache"},  # fmt: skip
     )
-    eval_data: str | None = field(default=None, metadata={"help": "JSONL held-out file for --data"})
-    data_format: str = field(default="auto", metadata={"help": "'auto', 'alpaca' or 'chat' (format of --data)"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out data for --data (same forms)"})
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "hold out part of --data when there is no --eval_data: a fraction (< 1) or a count"},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "'auto', 'alpaca', 'chat' (OpenAI messages) or 'sharegpt' (conversations/from/value)"},
+    )
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack examples into max_length blocks"})
     train_limit: int | None = field(
@@ -107,11 +117,17 @@ class TrainConfig:
         default=0, metadata={"help": "held-out loss every N steps (0: before/after only)"}
     )
     save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints (default: all)"})
-    report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'"})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "'none' or a comma list of installed loggers transformers supports "
+                          "(tensorboard, wandb, mlflow, ...); metrics.jsonl is always written"},  # fmt: skip
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loader workers"})
     # distribution
     ds_config: str | None = field(
-        default=None, metadata={"help": "DeepSpeed JSON config (alias --deepspeed)"}
+        default=None,
+        metadata={"help": "DeepSpeed JSON config: a path, or a shipped one by name: zero2, zero3, "
+                          "zero3_offload (alias --deepspeed)"},  # fmt: skip
     )
     fsdp: str | None = field(default=None, metadata={"help": "'fsdp2', 'fsdp1' or 'hsdp' under torchrun"})
     merge: bool = field(default=False, metadata={"help": "also write a merged model (single process)"})
@@ -177,10 +193,18 @@ class TrainConfig:
             raise ConfigError("--ds_config and --fsdp are exclusive: DeepSpeed or FSDP, not both")
         if self.fsdp not in (None, "fsdp1", "fsdp2", "hsdp"):
             raise ConfigError(f"--fsdp must be 'fsdp1', 'fsdp2' or 'hsdp', got {self.fsdp!r}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ConfigError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
-        if self.eval_steps and self.data and not self.eval_data:
-            raise ConfigError("--eval_steps needs held-out data: give --eval_data FILE.jsonl (or --eval_steps 0)")
+        if self.val_size < 0:
+            raise ConfigError(f"--val_size must be >= 0 (a fraction < 1 or a count), got {self.val_size}")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise ConfigError(f"--val_size must be a fraction < 1 or a whole count, got {self.val_size}")
+        if self.val_size and not self.data:
+            raise ConfigError("--val_size splits --data: give --data FILE (the built-in tasks have held-out data)")
+        if self.val_size and self.eval_data:
+            raise ConfigError("--val_size and --eval_data both give held-out data: pick one")
+        if self.eval_steps and self.data and not (self.eval_data or self.val_size):
+            raise ConfigError(
+                "--eval_steps needs held-out data: give --eval_data FILE or --val_size 0.1 (or --eval_steps 0)"
+            )
 
     def flat_config(self) -> FlatLoRAConfig:
         """The run's :class:`FlatLoRAConfig` (its own rules, reported under this app's flag names)."""
@@ -205,14 +229,28 @@ class TrainConfig:
         return asdict(self)
 
 
-_ALIASES = {"deepspeed": "ds_config", "resume_from_checkpoint": "resume", "overwrite_output_dir": "overwrite"}
+# Names users bring from other tools (short forms, axolotl, LLaMA-Factory) for the TrainingArguments ones.
+_ALIASES = {
+    "deepspeed": "ds_config",
+    "resume_from_checkpoint": "resume",
+    "overwrite_output_dir": "overwrite",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",
+    "cutoff_len": "max_length",
+    "sequence_len": "max_length",
+}
 _LAUNCHER_ARGS = {"local_rank", "local-rank"}
 
 
 def _closest(name: str) -> str:
     names = [f.name for f in fields(TrainConfig)]
-    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(names)}"
+    match = difflib.get_close_matches(name, names + list(_ALIASES), n=1, cutoff=0.5)
+    if not match:
+        return f"; valid keys: {', '.join(names)}"
+    return f"; did you mean '{_ALIASES.get(match[0], match[0])}'?"
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -331,6 +369,7 @@ def help_text() -> str:
     lines = ["usage: launch/train.py [--config FILE.yaml] [--name value ...]", "", "settings:"]
     for f in fields(TrainConfig):
         lines.append(f"  --{f.name:<30} {f.metadata.get('help', '')} (default: {f.default!r})")
+    lines += ["", "also accepted: " + ", ".join(f"--{k} (= --{v})" for k, v in _ALIASES.items())]
     return "\n".join(lines)
 
 
