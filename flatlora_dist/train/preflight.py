@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,35 @@ RESUME_KEYS = ("model", "task", "data", "data_format", "max_length", "packing", 
                "bf16", "fp16", "load_in_4bit")  # fmt: skip
 
 
-def load_ds_config(path: str) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; one-line errors for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
-        raise RunError(
-            f"DeepSpeed config not found: {path} (ship one from ds_configs/, e.g. ds_configs/zero3.json)"
-        )
+def shipped_ds_configs() -> dict[str, Path]:
+    """Name -> file of the DeepSpeed configs shipped inside the package (``flatlora_dist/ds_configs``, package
+    data; a checkout's top-level ``ds_configs/`` links there), so an installed package has them too."""
+    folder = resources.files("flatlora_dist").joinpath("ds_configs")
+    return {f.name.removesuffix(".json"): Path(str(f)) for f in folder.iterdir() if f.name.endswith(".json")}
+
+
+def resolve_ds_config(value: str) -> Path:
+    """``--ds_config``'s file: an existing path as given, else a shipped config by bare name (``zero3`` or
+    ``zero3.json``).  Invariant: what it returns is an existing file; otherwise one-line RunError listing
+    the shipped names."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_ds_configs()
+    names = ", ".join(sorted(shipped))
+    if "/" not in value and os.sep not in value:
+        if value.removesuffix(".json") in shipped:
+            return shipped[value.removesuffix(".json")]
+        raise RunError(f"--ds_config {value!r} is neither a file nor a shipped DeepSpeed config; "
+                       f"use one of {names} or the path of a JSON file")  # fmt: skip
+    raise RunError(f"DeepSpeed config not found: {value} (give a JSON file's path, or a shipped config by name: {names})")
+
+
+def load_ds_config(value: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config (:func:`resolve_ds_config`: a path or a shipped name); one-line errors
+    for a missing or malformed file."""
+    p = resolve_ds_config(value)
+    path = str(p)
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
