@@ -4,22 +4,17 @@
     torchrun --nproc_per_node 2 launch/train.py --fsdp fsdp2 --model tiny
     python launch/train.py --model tiny --max_steps 20
 
-The application lives in ``flatlora_dist.train``; this file only makes it runnable from a checkout.
+The application lives in ``flatlora_dist.train``; this file only makes it runnable from a checkout.  An
+installed package has the same command as ``flatlora-train`` and ``python -m flatlora_dist.train``
+(all three run ``flatlora_dist.train.__main__.cli``).
 """
 
-import logging
 import os
 import sys
-import warnings
 
-# Dependencies' deprecation chatter (transformers v6 renames, bitsandbytes' optional CPU kernels) is not
-# actionable for a user of this launcher; real warnings still show.
-warnings.filterwarnings("ignore", category=FutureWarning)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flatlora_dist.train.run import main  # noqa: E402
+from flatlora_dist.train.__main__ import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -365,8 +365,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def command_name(argv0: str) -> str:
+    """The command as the user typed it, for ``--help``'s usage line: ``python -m flatlora_dist.train``
+    (``argv0`` is the package's ``__main__.py``), a script as given (``launch/train.py``), or a console
+    script's name (``flatlora-train``)."""
+    if os.path.basename(argv0) == "__main__.py":
+        return "python -m flatlora_dist.train"
+    return argv0 if argv0.endswith(".py") else os.path.basename(argv0) or "flatlora-train"
+
+
 def help_text() -> str:
-    lines = ["usage: launch/train.py [--config FILE.yaml] [--name value ...]", "", "settings:"]
+    import sys
+
+    usage = f"usage: {command_name(sys.argv[0] if sys.argv else '')} [--config FILE.yaml] [--name value ...]"
+    lines = [usage, "", "settings:"]
     for f in fields(TrainConfig):
         lines.append(f"  --{f.name:<30} {f.metadata.get('help', '')} (default: {f.default!r})")
     lines += ["", "also accepted: " + ", ".join(f"--{k} (= --{v})" for k, v in _ALIASES.items())]
