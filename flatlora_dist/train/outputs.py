@@ -1,6 +1,6 @@
 """What a run writes in its output folder and how: the undoable journal of the first changes
 (:class:`OutputJournal`), ``checkpoint-N`` folders with their ``COMPLETE`` marker and rotation, and the
-final PEFT adapter (written whole or not at all)."""
+final PEFT adapter with its tokenizer (written whole or not at all; its model card: :mod:`.model_card`)."""
 
 from __future__ import annotations
 
@@ -123,18 +123,20 @@ def prepare_output_dir(cfg: TrainConfig, plan: RunPlan) -> OutputJournal:
     return journal
 
 
-def save_adapter(model, target: Path) -> None:
+def save_adapter(model, target: Path, tokenizer=None) -> None:
     """A complete PEFT adapter in ``target``, also under ZeRO-3 / FSDP (``checkpoint.save_adapter`` gathers
-    the LoRA weights; collective), written to a temporary folder and renamed: a crash never leaves half an
-    adapter in ``target``."""
+    the LoRA weights; collective), with ``tokenizer`` saved beside it (so the folder alone gives model
+    inputs), written to a temporary folder and renamed: a crash never leaves half an adapter in
+    ``target``.  ``adapter_config.json`` names the base as the model's ``name_or_path`` (set by
+    :func:`.model.load_model` to the user's Hub ID or path)."""
     from .. import checkpoint
 
     tmp = target.with_name(target.name + ".tmp")
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     if checkpoint.save_adapter(model, tmp):  # every rank gathers; global rank 0 writes
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     barrier()
-
-
