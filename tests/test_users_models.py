@@ -10,7 +10,9 @@ this file builds in a fresh ``HF_HOME`` from a tiny random Llama):
 * the finished run's folder copied elsewhere and the original deleted: a fresh process with nothing of
   this project loads the base by Hub ID, ``PeftModel.from_pretrained(base, copy/"adapter")`` and
   ``AutoTokenizer.from_pretrained(copy/"adapter")``, generates, and the adapter changes the logits; the
-  model card names the base ID and the run's sigma.
+  model card names the base ID and the run's sigma;
+* README's "Use the trained adapter" block, run as written (only the adapter path and model ID swapped)
+  on that copy.
 
 No ``huggingface_hub`` API writes a cache without the network, so :func:`build_hub_cache` writes the
 cache's documented layout (blobs, snapshot symlinks, ``refs/main``); ``test_cache_is_what_the_hub_reads``
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +36,7 @@ import pytest
 pytestmark = pytest.mark.slow  # launch/train.py subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 TRAIN = REPO / "launch" / "train.py"
 QUICK = ["--max_steps", "2", "--report_to", "none", "--eval_generate_limit", "0", "--eval_limit", "4",
          "--train_limit", "8"]  # fmt: skip
@@ -61,6 +65,19 @@ print(json.dumps({"max_logit_change": float((lora_logits - base_logits).abs().ma
                   "lora_modules": sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
                   "project_imported": any(m.startswith("flatlora_dist") for m in sys.modules)}))
 """
+
+
+def readme_adapter_block(adapter: Path, repo_id: str) -> str:
+    """README's "Use the trained adapter" code with its adapter path and base model ID replaced."""
+    text = README.read_text()
+    section = text[text.index("\n## Use the trained adapter\n") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    swaps = {'"outputs/my-run/adapter"': json.dumps(str(adapter)),
+             '"HuggingFaceTB/SmolLM2-135M-Instruct"': json.dumps(repo_id)}  # fmt: skip
+    for old, new in swaps.items():
+        assert block.count(old) == 1, f"README block lost {old}"
+        block = block.replace(old, new)
+    return block
 
 
 def build_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> Path:
@@ -139,9 +156,17 @@ def world(tmp_path_factory) -> dict:
     shutil.copytree(run_dir, moved, symlinks=True)
     shutil.rmtree(run_dir)
     loader_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    p = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(moved / "adapter"), HUB_ID],
-                       capture_output=True, text=True, env=loader_env, cwd=base / "elsewhere", timeout=300)  # fmt: skip
-    got.update(moved=moved, load={"code": p.returncode, "out": p.stdout + p.stderr, "stdout": p.stdout})
+    scripts = {"load": [LOAD_AND_GENERATE, str(moved / "adapter"), HUB_ID],
+               "readme": [readme_adapter_block(moved / "adapter", HUB_ID)]}  # fmt: skip
+
+    def python(args: list[str]) -> dict:
+        p = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, env=loader_env,
+                           cwd=base / "elsewhere", timeout=300)  # fmt: skip
+        return {"code": p.returncode, "out": p.stdout + p.stderr, "stdout": p.stdout}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = {name: pool.submit(python, args) for name, args in scripts.items()}
+        got.update(moved=moved, **{name: f.result() for name, f in done.items()})
     return got
 
 
@@ -218,3 +243,10 @@ def test_model_card_names_base_and_settings(world):
     assert "| LoRA r | 8 |" in card.text
     loss_after = world["summary"]["metrics_after"]["eval_loss"]
     assert f"{loss_after:.4g}" in card.text
+
+
+def test_readme_adapter_block_runs_as_written(world):
+    """README's "Use the trained adapter" block, on the moved adapter with the test's base ID: exit 0."""
+    assert world["hub"]["code"] == 0, world["hub"]["out"][-3000:]
+    r = world["readme"]
+    assert r["code"] == 0 and "Traceback" not in r["out"], r["out"][-3000:]

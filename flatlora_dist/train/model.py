@@ -4,9 +4,9 @@ target modules against a loaded model.
 
 Only a Hub model not yet in the Hugging Face cache is downloaded (:func:`.model_sources.model_folder`);
 transformers itself always loads from a local folder (``local_files_only=True``), reads safetensors only
-and keeps ``trust_remote_code`` off unless asked.  The loaded model's ``name_or_path`` is
-:func:`.model_sources.model_reference` of the request, so a PEFT adapter saved from it names its base
-as the user did (a Hub ID, their path), never a cache folder of this machine.
+and keeps ``trust_remote_code`` off unless asked.  The loaded model's ``name_or_path`` stays that local
+folder (PEFT's saves compare the vocabulary with its ``config.json`` there, without the network); the
+final adapter names its base as the user did (:func:`.outputs.save_adapter`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..compat import enable_checkpointing, is_checkpointing, kbit_training_kwargs
-from .model_sources import ModelLoadError, model_folder, model_reference, smollm2_path
+from .model_sources import ModelLoadError, model_folder, smollm2_path
 from .tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ def _load_tiny(dtype: torch.dtype, load_in_4bit: bool, attn: str):
     return model.to(dtype), tok
 
 
-def _finish(model, tok, gradient_checkpointing: bool, reference: str):
-    model.config.name_or_path = reference  # what PEFT records as base_model_name_or_path
-    model.name_or_path = reference
+def _finish(model, tok, gradient_checkpointing: bool):
     for m in model.modules():  # bnb's CPU eval repacking lossily rewrites frozen 4-bit storage: keep it off
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
@@ -156,7 +154,7 @@ def load_model(
         model, tok = _load_tiny(torch_dtype, load_in_4bit, attn)
     else:
         model, tok = _from_pretrained(path, torch_dtype, load_in_4bit, attn, trust_remote_code)
-    return _finish(model, tok, gradient_checkpointing, model_reference(name))
+    return _finish(model, tok, gradient_checkpointing)
 
 
 # ------------------------------------------------------------------------------------------- LoRA

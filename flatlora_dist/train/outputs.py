@@ -123,12 +123,21 @@ def prepare_output_dir(cfg: TrainConfig, plan: RunPlan) -> OutputJournal:
     return journal
 
 
-def save_adapter(model, target: Path, tokenizer=None) -> None:
+def name_base_model(adapter_dir: Path, base_model: str) -> None:
+    """Set ``adapter_config.json``'s ``base_model_name_or_path`` (through PEFT's own config class) to
+    ``base_model``: the Hub ID or path the user gave, not the folder this machine loaded it from."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(adapter_dir))
+
+
+def save_adapter(model, target: Path, tokenizer=None, base_model: str | None = None) -> None:
     """A complete PEFT adapter in ``target``, also under ZeRO-3 / FSDP (``checkpoint.save_adapter`` gathers
-    the LoRA weights; collective), with ``tokenizer`` saved beside it (so the folder alone gives model
-    inputs), written to a temporary folder and renamed: a crash never leaves half an adapter in
-    ``target``.  ``adapter_config.json`` names the base as the model's ``name_or_path`` (set by
-    :func:`.model.load_model` to the user's Hub ID or path)."""
+    the LoRA weights; collective), with ``tokenizer`` saved beside it (the folder alone gives model
+    inputs) and ``base_model`` (:func:`.model_sources.model_reference`) as its base, written to a
+    temporary folder and renamed: a crash never leaves half an adapter in ``target``."""
     from .. import checkpoint
 
     tmp = target.with_name(target.name + ".tmp")
@@ -137,6 +146,8 @@ def save_adapter(model, target: Path, tokenizer=None) -> None:
     if checkpoint.save_adapter(model, tmp):  # every rank gathers; global rank 0 writes
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if base_model is not None:
+            name_base_model(tmp, base_model)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     barrier()
