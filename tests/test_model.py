@@ -53,7 +53,8 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 def test_load_model_errors(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(tmp_path / "missing")
-    assert one_line(err) == f"model path '{tmp_path / 'missing'}' does not exist (and is not one of: tiny, smollm2-135m)"
+    assert one_line(err) == (f"model path '{tmp_path / 'missing'}' does not exist (and is not one of: tiny, "
+                             "smollm2-135m, or a Hub model ID such as HuggingFaceTB/SmolLM2-135M-Instruct)")  # fmt: skip
     with pytest.raises(ModelLoadError) as err:
         load_model(tmp_path)
     assert "has no config.json" in one_line(err)

@@ -1,9 +1,12 @@
-"""Models and tokenizers for the training application, all offline: :func:`load_model` (``tiny``,
-``smollm2-135m`` or a local folder; see :mod:`.model_sources`), :func:`apply_lora` and the check of LoRA
+"""Models and tokenizers for the training application: :func:`load_model` (``tiny``, ``smollm2-135m``,
+a local folder or a Hub model ID; see :mod:`.model_sources`), :func:`apply_lora` and the check of LoRA
 target modules against a loaded model.
 
-Loading never touches the network (``local_files_only=True``), reads safetensors only and keeps
-``trust_remote_code`` off unless asked.
+Only a Hub model not yet in the Hugging Face cache is downloaded (:func:`.model_sources.model_folder`);
+transformers itself always loads from a local folder (``local_files_only=True``), reads safetensors only
+and keeps ``trust_remote_code`` off unless asked.  The loaded model's ``name_or_path`` stays that local
+folder (PEFT's saves compare the vocabulary with its ``config.json`` there, without the network); the
+final adapter names its base as the user did (:func:`.outputs.save_adapter`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..compat import enable_checkpointing, is_checkpointing, kbit_training_kwargs
-from .model_sources import SMOLLM2_NAMES, ModelLoadError, check_model_source, smollm2_path
+from .model_sources import ModelLoadError, model_folder, smollm2_path
 from .tiny import build_tiny_llama
 
 logger = logging.getLogger(__name__)
@@ -134,23 +137,22 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ):
-    """Load ``(model, tokenizer)``: ``tiny``, ``smollm2-135m`` or a local save_pretrained folder.
+    """Load ``(model, tokenizer)``: ``tiny``, ``smollm2-135m``, a local save_pretrained folder or a Hub
+    model ID (from the Hugging Face cache, downloaded there unless ``HF_HUB_OFFLINE=1``).
 
     4-bit loads NF4 with double quantization, compute and storage dtype ``dtype``.  Errors about the
-    request itself (unknown path, no config.json, no safetensors, no bitsandbytes) are one-line
-    :class:`ModelLoadError`s raised before transformers is involved.
+    request itself (unknown path, no config.json, no safetensors, a Hub model missing offline, no
+    bitsandbytes) are one-line :class:`ModelLoadError`s raised before transformers is involved.
     """
     torch_dtype = resolve_dtype(dtype)
     attn = pick_attn_implementation(attn_implementation)
     name = str(name_or_path)
     if load_in_4bit:
         _bnb_config(torch_dtype)  # fail early and clearly
-    path = check_model_source(name, cache_dir)
+    path = model_folder(name, cache_dir, trust_remote_code=trust_remote_code)
     if path is None:
         model, tok = _load_tiny(torch_dtype, load_in_4bit, attn)
     else:
-        if name.lower() in SMOLLM2_NAMES:
-            path = smollm2_path(cache_dir)
         model, tok = _from_pretrained(path, torch_dtype, load_in_4bit, attn, trust_remote_code)
     return _finish(model, tok, gradient_checkpointing)
 

@@ -1,6 +1,6 @@
 """What a run writes in its output folder and how: the undoable journal of the first changes
 (:class:`OutputJournal`), ``checkpoint-N`` folders with their ``COMPLETE`` marker and rotation, and the
-final PEFT adapter (written whole or not at all)."""
+final PEFT adapter with its tokenizer (written whole or not at all; its model card: :mod:`.model_card`)."""
 
 from __future__ import annotations
 
@@ -123,18 +123,31 @@ def prepare_output_dir(cfg: TrainConfig, plan: RunPlan) -> OutputJournal:
     return journal
 
 
-def save_adapter(model, target: Path) -> None:
+def name_base_model(adapter_dir: Path, base_model: str) -> None:
+    """Set ``adapter_config.json``'s ``base_model_name_or_path`` (through PEFT's own config class) to
+    ``base_model``: the Hub ID or path the user gave, not the folder this machine loaded it from."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(adapter_dir))
+
+
+def save_adapter(model, target: Path, tokenizer=None, base_model: str | None = None) -> None:
     """A complete PEFT adapter in ``target``, also under ZeRO-3 / FSDP (``checkpoint.save_adapter`` gathers
-    the LoRA weights; collective), written to a temporary folder and renamed: a crash never leaves half an
-    adapter in ``target``."""
+    the LoRA weights; collective), with ``tokenizer`` saved beside it (the folder alone gives model
+    inputs) and ``base_model`` (:func:`.model_sources.model_reference`) as its base, written to a
+    temporary folder and renamed: a crash never leaves half an adapter in ``target``."""
     from .. import checkpoint
 
     tmp = target.with_name(target.name + ".tmp")
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     if checkpoint.save_adapter(model, tmp):  # every rank gathers; global rank 0 writes
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if base_model is not None:
+            name_base_model(tmp, base_model)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     barrier()
-
-

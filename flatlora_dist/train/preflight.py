@@ -263,8 +263,10 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     """Every check that needs no model, data tokenization or process group: settings, files, the model
     folder, the output folder (writable, not holding another run), then the names only transformers
     knows (scheduler, attention), and last the FSDP kind (``--fsdp`` against the launcher's config).
-    Raises before anything is written; returns the run's facts, settled once."""
-    from .model_sources import check_model_source
+    Raises before anything is written; returns the run's facts, settled once.  A Hub model not yet in
+    the Hugging Face cache is downloaded last, once every other check has passed (by every process of a
+    launch: ``huggingface_hub``'s file locks make it one download)."""
+    from .model_sources import check_model_source, is_hub_id, model_folder
 
     ds = load_ds_config(cfg.ds_config) if cfg.ds_config else None
     if ds is not None:
@@ -293,12 +295,14 @@ def preflight(cfg: TrainConfig) -> RunPlan:
         raise RunError(
             "--merge is not supported with --load_in_4bit (merging into 4-bit weights loses precision)"
         )
-    check_model_source(cfg.model)
+    check_model_source(cfg.model, trust_remote_code=cfg.trust_remote_code)  # offline: a Hub ID must be cached
     scheme = run_noise_scheme(ds)
     resume_from = check_output_dir(cfg, scheme)
     check_scheduler(cfg)
     check_attention(cfg)
     kind = cfg.fsdp if cfg.ds_config else fsdp_kind(cfg)  # refuses a contradiction or a launcher-less FSDP
+    if is_hub_id(cfg.model):
+        model_folder(cfg.model, trust_remote_code=cfg.trust_remote_code)
     return RunPlan(resume_from=resume_from, ds=ds, fsdp=kind, zero_stage=stage, noise_scheme=scheme)
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from ..checkpoint import base_fingerprint
 from .config import TrainConfig
+from .model_card import write_model_card
+from .model_sources import model_reference
 from .outputs import prepare_output_dir, save_adapter
 from .plan import RunPlan
 from .preflight import preflight
@@ -99,7 +101,7 @@ class Recipe:
         if trainer.graceful_stop.stopped_at is not None:
             return self.stopped(out)
         fingerprint_after = base_fingerprint(trainer.model)
-        save_adapter(trainer.model, out / "adapter")
+        save_adapter(trainer.model, out / "adapter", self.tokenizer, model_reference(cfg.model))
         after_metrics = final_evaluation(cfg, plan, trainer, self.tokenizer, data, clock.before, self.stop)
         peaks = gather_per_rank(peak_memory_mb())
         train_s = clock.train_seconds(trainer.state.log_history)
@@ -135,6 +137,7 @@ class Recipe:
             merged.save_pretrained(str(out / "merged"), safe_serialization=True)
             self.tokenizer.save_pretrained(str(out / "merged"))
         if is_main():
+            write_model_card(out / "adapter", cfg, summary)  # before summary.json, the "finished" mark
             write_json_atomic(out / "summary.json", summary)
             plot_curves(trainer.state.log_history, out / "curves.png", f"{cfg.model} sigma={cfg.sigma}")
             if after_metrics is None:
