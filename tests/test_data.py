@@ -95,8 +95,8 @@ def test_format_autodetect_and_explicit(tok, tmp_path):
     assert load_task(chat, tok, fmt="chat").examples[0].segments[1][0] == "Paris.<|im_end|>\n"
     with pytest.raises(DataError, match=r"c\.jsonl:1: record missing required field\(s\) 'instruction', 'output'"):
         load_task(chat, tok, fmt="alpaca")
-    with pytest.raises(DataError, match="unknown format 'sharegpt'"):
-        load_task(chat, tok, fmt="sharegpt")
+    with pytest.raises(DataError, match="unknown format 'openai'"):
+        load_task(chat, tok, fmt="openai")
 
 
 def test_folder_holds_split_files(tok, tmp_path):
