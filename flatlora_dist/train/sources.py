@@ -191,10 +191,10 @@ def load_data(cfg, tokenizer) -> RunData:
     fmt = None if cfg.data_format == "auto" else cfg.data_format
     if cfg.data:
         selection = select_records(cfg)
-        warn_no_heldout(selection)
         train = rows_to_task(cfg.data, "train", selection.train, tokenizer, cfg.max_length, cfg.packing, fmt)
         heldout = (rows_to_task(cfg.eval_data or cfg.data, "test", selection.heldout, tokenizer, cfg.max_length,
                                 fmt=fmt) if selection.heldout else None)  # fmt: skip
+        warn_no_heldout(selection)
         return RunData(train, heldout, {}, selection.heldout_from)
     train = load_task(cfg.task, tokenizer, "train", packing=cfg.packing, limit=cfg.train_limit, **common)
     heldout = load_task(cfg.task, tokenizer, "test", limit=cfg.eval_limit, **common)
