@@ -95,6 +95,9 @@ def _jsonl_rows(p: Path, text: str) -> list[Row]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
+            if not rows and p.suffix.lower() not in (".json", ".jsonl"):  # not JSON at all, and not named so
+                raise DataError(f"{p}:{lineno}: not JSON ({err.msg}); give JSON Lines or a JSON array (.jsonl, "
+                                ".json), a .parquet or .csv file, or a datasets save_to_disk folder") from None  # fmt: skip
             raise DataError(f"{p}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
