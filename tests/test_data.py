@@ -95,8 +95,8 @@ def test_format_autodetect_and_explicit(tok, tmp_path):
     assert load_task(chat, tok, fmt="chat").examples[0].segments[1][0] == "Paris.<|im_end|>\n"
     with pytest.raises(DataError, match=r"c\.jsonl:1: record missing required field\(s\) 'instruction', 'output'"):
         load_task(chat, tok, fmt="alpaca")
-    with pytest.raises(DataError, match="unknown format 'sharegpt'"):
-        load_task(chat, tok, fmt="sharegpt")
+    with pytest.raises(DataError, match="unknown format 'openai'"):
+        load_task(chat, tok, fmt="openai")
 
 
 def test_folder_holds_split_files(tok, tmp_path):
@@ -109,6 +109,51 @@ def test_folder_holds_split_files(tok, tmp_path):
 def test_limit_takes_first_records(tok, tmp_path):
     data = load_task(write_jsonl(tmp_path / "a.jsonl", ALPACA), tok, limit=1)
     assert len(data.examples) == 1 and data.examples[0].response == "5"
+
+
+def test_sharegpt_converts_to_chat_with_llama_factory_roles(tok, tmp_path):
+    """ShareGPT tags map as LLaMA-Factory's defaults do; the result trains exactly like the chat record."""
+    msgs = CHAT[0]["messages"]
+    names = {"user": "human", "assistant": "gpt"}
+    share = {"system": msgs[0]["content"], "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs[1:]]}
+    got = load_task(write_jsonl(tmp_path / "s.jsonl", [share]), tok, max_length=None)
+    want = load_task(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=None)
+    assert got.dataset.features == want.dataset.features
+    tool = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "function_call", "value": "calc(2+2)"},
+                              {"from": "observation", "value": "4"}, {"from": "gpt", "value": "4."}]}
+    ex = load_task(write_jsonl(tmp_path / "t.jsonl", [tool]), tok, max_length=None).examples[0]
+    assert [text for text, trained in ex.segments if trained] == ["calc(2+2)<|im_end|>\n", "4.<|im_end|>\n"]
+    bad = {"conversations": [{"from": "bot", "value": "hi"}]}
+    assert "conversations[0] is from 'bot'; expected one of human" in one_line_error(tok, write_jsonl(tmp_path / "b.jsonl", [bad]))
+
+
+def test_json_array_and_wrapped_records(tok, tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ALPACA, indent=2))
+    assert [e.response for e in load_task(tmp_path / "a.json", tok).examples] == ["5", "Hi there!"]
+    (tmp_path / "b.json").write_text(json.dumps([ALPACA[0], {"instruction": "x"}]))
+    assert one_line_error(tok, tmp_path / "b.json").startswith(f"{tmp_path / 'b.json'} record 2: record missing")
+    (tmp_path / "w.json").write_text(json.dumps({"rows": ALPACA}))
+    assert "holding the records under 'rows'" in one_line_error(tok, tmp_path / "w.json")
+
+
+def test_csv_cells_are_text(tok, tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "a.csv").write_text('instruction,input,output\nAdd 2 and 3.,,5\n"Say ""hi"".",,hi\n')
+    data = load_task(tmp_path / "a.csv", tok)
+    assert [e.response for e in data.examples] == ["5", "hi"] and "Say \"hi\"." in data.examples[1].prompt
+
+
+@pytest.mark.parametrize("n,val_size,seed", [(12, 0.25, 42), (10, 0.1, 0), (7, 3, 5), (100, 0.33, 1)])
+def test_val_size_holds_out_what_datasets_train_test_split_does(n, val_size, seed):
+    datasets = pytest.importorskip("datasets")
+    from flatlora_dist.train.sources import split_heldout
+
+    train, held = split_heldout(n, val_size, seed)
+    want = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
+        test_size=val_size if val_size < 1 else int(val_size), seed=seed)  # fmt: skip
+    assert held == sorted(want["test"]["i"]) and train == sorted(want["train"]["i"])
+    with pytest.raises(DataError, match="leaves no record to train on"):
+        split_heldout(n, n, seed)
 
 
 # ------------------------------------------------------------------------------ truncation, packing

@@ -68,8 +68,11 @@ CASES = [
     Case("overwrite and resume", ["--overwrite", "--resume"], "contradict each other", "file"),
     Case("max_length 1", ["--max_length", "1"], "--max_length must be >= 2"),
     Case("empty target list", ["--lora_target_modules", ","], "--lora_target_modules is empty"),
-    Case("data_format sharegpt", ["--data", "{tmp}/ok.jsonl", "--data_format", "sharegpt"],
-         "--data_format must be one of auto, alpaca, chat", "run"),  # fmt: skip
+    Case("data_format sharegpt, alpaca file", ["--data", "{tmp}/ok.jsonl", "--data_format", "sharegpt"],
+         "looks like alpaca (keys: 'instruction', 'output'): use --data_format alpaca or auto", "run"),  # fmt: skip
+    Case("data_format openai", ["--data", "{tmp}/ok.jsonl", "--data_format", "openai"], "--data_format must be one of"),
+    Case("val_size leaves nothing to train", ["--data", "{tmp}/ok.jsonl", "--val_size", "4"],
+         "--val_size 4 leaves no record to train on (4 of 4", "file"),  # fmt: skip
     Case("data_format chat, alpaca file", ["--data", "{tmp}/ok.jsonl", "--data_format", "chat"],
          "--data_format chat, but", "file"),  # fmt: skip
     Case("fsdp3", ["--fsdp", "fsdp3"], "--fsdp must be 'fsdp1', 'fsdp2' or 'hsdp'"),
@@ -84,6 +87,7 @@ CASES = [
     Case("data not found", ["--data", "{tmp}/missing.jsonl"], "--data file not found"),
     Case("bad JSONL", ["--data", "{tmp}/bad.jsonl"], "bad.jsonl:2: malformed JSON", "run"),
     Case("record missing output", ["--data", "{tmp}/nooutput.jsonl"], "nooutput.jsonl:1: record missing", "file"),
+    Case("JSON object holding the records", ["--data", "{tmp}/wrapped.json"], "holding the records under 'data'", "run"),
     Case("ds_config not found", ["--ds_config", "{tmp}/ds.json"], "DeepSpeed config not found"),
     Case("ds_config bad JSON", ["--ds_config", "{tmp}/bad_ds.json"], "invalid JSON at line 2"),
     Case("model folder missing", ["--model", "{tmp}/no_model"], "does not exist", "file"),
@@ -125,6 +129,7 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ok))
     (tmp / "bad.jsonl").write_text(json.dumps(ok[0]) + '\n{"instruction": "x", "output": \n')
     (tmp / "nooutput.jsonl").write_text('{"instruction": "x"}\n')
+    (tmp / "wrapped.json").write_text(json.dumps({"version": 1, "data": ok}, indent=2))
     (tmp / "long.jsonl").write_text(json.dumps({"instruction": "x " * 200, "output": "y"}) + "\n")
     (tmp / "bad.yaml").write_text("sigma: [0.05,\n")
     (tmp / "list.yaml").write_text("- sigma\n- 0.05\n")

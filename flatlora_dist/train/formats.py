@@ -1,24 +1,37 @@
-"""The JSONL formats a user's data comes in, read with one-line errors naming file and line:
+"""The record shapes a user's data comes in, validated with one-line errors naming where the record is
+(``file:line`` for JSONL, ``file record N`` for JSON arrays and tables; see :mod:`.records`):
 
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``; rendered with the
   Stanford Alpaca prompt (``style="plain"``) or as one chat turn (``style="chat"``).
-* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
-  rendered with the tokenizer's chat template, trained on the assistant turns only.
+* ``chat`` (OpenAI ``messages``): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str},
+  ...]}``; rendered with the tokenizer's chat template, trained on the assistant turns only.
+* ``sharegpt``: ``{"conversations": [{"from": str, "value": str}, ...], "system": str (optional)}``,
+  converted to ``chat`` with LLaMA-Factory's default tags: ``human``/``user`` -> user, ``gpt``/``assistant``
+  -> assistant, ``system`` -> system; ``function_call`` (what the model emits) -> assistant and
+  ``observation`` (a tool's answer) -> user, the sides LLaMA-Factory trains and masks them on.
 
-The format is auto-detected per file from its first record, or given.
+The format is auto-detected per source from its first record, or given.  Invariant: every function
+here either returns validated values or raises :class:`~.data.DataError` whose message is one line
+starting with the record's location.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .data import CHAT_ROLES, DataError, Example, chat_example, prompt_response_example
 
-FORMATS = ("alpaca", "chat")
+FORMATS = ("alpaca", "chat", "sharegpt")
+SHAPES = "'messages' (chat), 'conversations' (sharegpt) or 'instruction' + 'output' (alpaca)"
+
+# LLaMA-Factory's default ShareGPT tags (data/README.md: user_tag human, assistant_tag gpt,
+# observation_tag observation, function_tag function_call, system_tag system), plus the OpenAI names.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "function_call": "assistant", "observation": "user"}  # fmt: skip
+
+Row = tuple[str, dict[str, Any]]
+"""``(where, record)``: the record's location for error messages (``file:line``) and the record."""
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -31,100 +44,134 @@ ALPACA_PROMPT_INPUT = (
 )
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for every non-blank line; one-line :class:`DataError` otherwise."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found")
-    if not p.is_file():
-        raise DataError(f"{p}: not a file")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{p}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        records.append((lineno, rec))
-    if not records:
-        raise DataError(f"{p}: empty dataset (no records)")
-    return records
-
-
 def record_keys(record: dict) -> str:
     """A record's keys for one-line error messages: quoted (a key may hold a newline), sorted."""
-    return ", ".join(repr(k) for k in sorted(record)) or "none"
+    return ", ".join(repr(k) for k in sorted(record, key=str)) or "none"
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    """``chat`` for a ``messages`` record, ``alpaca`` for ``instruction``/``output``, else None."""
+    """``chat`` for a ``messages`` record, ``sharegpt`` for ``conversations``, ``alpaca`` for
+    ``instruction``/``output``, else None."""
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
     if "instruction" in record or "output" in record:
         return "alpaca"
     return None
 
 
-def _require(path: Path, lineno: int, rec: dict[str, Any], fields: Sequence[str], fmt: str) -> None:
+def resolve_format(rows: Sequence[Row], fmt: str | None, flag: str | None = None) -> str:
+    """The format of ``rows`` (non-empty): detected from the first record for ``None``/``auto``; an
+    explicit one is returned as is, except that with ``flag`` (the preflight, naming the option the
+    user set) a first record that looks like another format is refused, naming both and the fix."""
+    if fmt not in (None, "auto", *FORMATS):
+        raise DataError(f"{rows[0][0]}: unknown format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
+    where, first = rows[0]
+    looks = detect_format(first)
+    if fmt in (None, "auto"):
+        if looks is None:
+            raise DataError(f"{where}: unknown format (keys: {record_keys(first)}); expected {SHAPES}")
+        return looks
+    if flag is not None and looks not in (None, fmt):
+        raise DataError(f"{flag} {fmt}, but {where} looks like {looks} (keys: {record_keys(first)}): "
+                        f"use {flag} {looks} or auto")  # fmt: skip
+    return fmt
+
+
+def _require(where: str, rec: dict[str, Any], fields: Sequence[str], fmt: str) -> None:
     missing = [f for f in fields if f not in rec]
     if missing:
         names = ", ".join(repr(f) for f in missing)
-        raise DataError(f"{path}:{lineno}: record missing required field(s) {names} for {fmt} format")
+        raise DataError(f"{where}: record missing required field(s) {names} for {fmt} format")
 
 
-def _type_error(path: Path, lineno: int, what: str, expected: str, value: Any) -> DataError:
-    return DataError(f"{path}:{lineno}: {what} must be {expected}, got {type(value).__name__}")
+def _type_error(where: str, what: str, expected: str, value: Any) -> DataError:
+    return DataError(f"{where}: {what} must be {expected}, got {type(value).__name__}")
 
 
-def parse_alpaca(path: Path, lineno: int, rec: dict[str, Any]) -> tuple[str, str, str]:
-    """``(instruction, input, output)`` of an alpaca record, validated."""
-    _require(path, lineno, rec, ("instruction", "output"), "alpaca")
+def parse_alpaca(where: str, rec: dict[str, Any]) -> tuple[str, str, str]:
+    """``(instruction, input, output)`` of an alpaca record, validated (a missing or null input is '')."""
+    _require(where, rec, ("instruction", "output"), "alpaca")
     values = {}
     for name in ("instruction", "input", "output"):
         value = rec.get(name, "")
         if value is None and name == "input":
             value = ""
         if not isinstance(value, str):
-            raise _type_error(path, lineno, f"field {name!r}", "a string", value)
+            raise _type_error(where, f"field {name!r}", "a string", value)
         values[name] = value
     for name in ("instruction", "output"):
         if not values[name].strip():
-            raise DataError(f"{path}:{lineno}: field {name!r} is empty")
+            raise DataError(f"{where}: field {name!r} is empty")
     return values["instruction"], values["input"], values["output"]
 
 
-def parse_chat(path: Path, lineno: int, rec: dict[str, Any]) -> list[dict[str, str]]:
+def _message_list(where: str, rec: dict[str, Any], key: str) -> list:
+    messages = rec[key]
+    if isinstance(messages, list) and not messages:
+        raise DataError(f"{where}: field {key!r} is empty")
+    if not isinstance(messages, list):
+        raise _type_error(where, f"field {key!r}", "a list", messages)
+    return messages
+
+
+def _with_assistant(where: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message to train on")
+    return messages
+
+
+def parse_chat(where: str, rec: dict[str, Any]) -> list[dict[str, str]]:
     """The validated ``messages`` of a chat record (roles system/user/assistant, string content)."""
-    _require(path, lineno, rec, ("messages",), "chat")
-    messages = rec["messages"]
-    if not isinstance(messages, list) or not messages:
-        if isinstance(messages, list):
-            raise DataError(f"{path}:{lineno}: field 'messages' is empty")
-        raise _type_error(path, lineno, "field 'messages'", "a list", messages)
+    _require(where, rec, ("messages",), "chat")
     out = []
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(_message_list(where, rec, "messages")):
         if not isinstance(msg, dict):
-            raise _type_error(path, lineno, f"messages[{i}]", "an object", msg)
+            raise _type_error(where, f"messages[{i}]", "an object", msg)
         missing = [k for k in ("role", "content") if k not in msg]
         if missing:
             names = ", ".join(repr(k) for k in missing)
-            raise DataError(f"{path}:{lineno}: messages[{i}] missing required field(s) {names}")
+            raise DataError(f"{where}: messages[{i}] missing required field(s) {names}")
         role, content = msg["role"], msg["content"]
         if role not in CHAT_ROLES:
-            raise DataError(f"{path}:{lineno}: messages[{i}] has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            raise DataError(f"{where}: messages[{i}] has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
-            raise _type_error(path, lineno, f"messages[{i}]['content']", "a string", content)
+            raise _type_error(where, f"messages[{i}]['content']", "a string", content)
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{path}:{lineno}: no assistant message to train on")
-    return out
+    return _with_assistant(where, out)
+
+
+def parse_sharegpt(where: str, rec: dict[str, Any]) -> list[dict[str, str]]:
+    """A ShareGPT record as validated chat ``messages`` (roles mapped by :data:`SHAREGPT_ROLES`; a
+    top-level ``system`` string, LLaMA-Factory's system column, becomes the first message)."""
+    _require(where, rec, ("conversations",), "sharegpt")
+    out = []
+    system = rec.get("system")
+    if system not in (None, ""):
+        if not isinstance(system, str):
+            raise _type_error(where, "field 'system'", "a string", system)
+        out.append({"role": "system", "content": system})
+    for i, turn in enumerate(_message_list(where, rec, "conversations")):
+        if not isinstance(turn, dict):
+            raise _type_error(where, f"conversations[{i}]", "an object", turn)
+        missing = [k for k in ("from", "value") if k not in turn]
+        if missing:
+            names = ", ".join(repr(k) for k in missing)
+            raise DataError(f"{where}: conversations[{i}] missing required field(s) {names}")
+        source, value = turn["from"], turn["value"]
+        if not isinstance(source, str) or source not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{i}] is from {source!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")  # fmt: skip
+        if not isinstance(value, str):
+            raise _type_error(where, f"conversations[{i}]['value']", "a string", value)
+        out.append({"role": SHAREGPT_ROLES[source], "content": value})
+    return _with_assistant(where, out)
+
+
+def check_record(where: str, rec: dict[str, Any], fmt: str) -> None:
+    """Validate one record of format ``fmt`` (no tokenizer needed)."""
+    {"alpaca": parse_alpaca, "chat": parse_chat, "sharegpt": parse_sharegpt}[fmt](where, rec)
 
 
 def alpaca_example(tokenizer, instruction: str, input_text: str, output: str, style: str = "plain") -> Example:
@@ -137,45 +184,19 @@ def alpaca_example(tokenizer, instruction: str, input_text: str, output: str, st
     return prompt_response_example(tokenizer, prompt, output, style=style)
 
 
-def load_jsonl_examples(
-    path: str | os.PathLike,
-    tokenizer,
-    fmt: str | None = None,
-    style: str = "plain",
-    limit: int | None = None,
-) -> list[Example]:
-    """Read an alpaca or chat JSONL file into examples (format auto-detected from the first record)."""
-    p = Path(path)
-    if fmt not in (None, "auto", *FORMATS):
-        raise DataError(f"{p}: unknown format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
-    records = read_jsonl(p)
-    if fmt in (None, "auto"):
-        first_line, first = records[0]
-        fmt = detect_format(first)
-        if fmt is None:
-            keys = record_keys(first)
-            raise DataError(
-                f"{p}:{first_line}: unknown format (keys: {keys}); expected 'messages' (chat) "
-                "or 'instruction' + 'output' (alpaca)"
-            )
-    if limit is not None:
-        records = records[:limit]
-    examples = []
-    for lineno, rec in records:
-        if fmt == "chat":
-            ex = chat_example(tokenizer, parse_chat(p, lineno, rec))
-        else:
-            ex = alpaca_example(tokenizer, *parse_alpaca(p, lineno, rec), style=style)
-        ex.meta.update(source=str(p), line=lineno)
-        examples.append(ex)
-    return examples
+def record_example(tokenizer, where: str, rec: dict[str, Any], fmt: str, style: str = "plain") -> Example:
+    """One validated record of format ``fmt`` as an :class:`Example` (``meta['where']``: its location)."""
+    if fmt == "alpaca":
+        ex = alpaca_example(tokenizer, *parse_alpaca(where, rec), style=style)
+    elif fmt == "chat":
+        ex = chat_example(tokenizer, parse_chat(where, rec))
+    else:
+        ex = chat_example(tokenizer, parse_sharegpt(where, rec))
+    ex.meta.update(where=where)
+    return ex
 
 
-def split_file(path: Path, split: str) -> Path:
-    """A file path as is; for a folder, ``<folder>/<split>.jsonl``."""
-    if path.is_dir():
-        candidate = path / f"{split}.jsonl"
-        if not candidate.is_file():
-            raise DataError(f"{path}: no {split}.jsonl in this folder")
-        return candidate
-    return path
+def rows_to_examples(tokenizer, rows: Sequence[Row], fmt: str | None = None, style: str = "plain") -> list[Example]:
+    """Records (non-empty) as examples, the format detected from the first unless given."""
+    kind = resolve_format(rows, fmt)
+    return [record_example(tokenizer, where, rec, kind, style) for where, rec in rows]

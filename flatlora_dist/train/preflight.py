@@ -22,7 +22,7 @@ from .runtime import AlreadyFinished, RunError, world_size
 
 # Settings that must not change when a run is resumed (else the resumed run is a different run).
 RESUME_KEYS = ("model", "task", "data", "data_format", "max_length", "packing", "train_limit", "sigma",
-               "flat_schedule", "flat_mode", "flat_seed", "lora_r", "lora_alpha", "lora_dropout",
+               "val_size", "flat_schedule", "flat_mode", "flat_seed", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "seed",
                "bf16", "fp16", "load_in_4bit")  # fmt: skip
@@ -87,25 +87,22 @@ def check_ds_batch(cfg: TrainConfig, ds: dict[str, Any], path: str) -> None:
             raise RunError(f'{path}: {key} is {got!r} but this run has {why}; set it to {want} or "auto"')
 
 
-def check_data_file(label: str, path: str, split: str, fmt: str, limit: int | None) -> None:
-    """Parse a JSONL file's records (no tokenizer needed): malformed lines fail here, before any work."""
-    from .data import DataError
-    from .formats import detect_format, parse_alpaca, parse_chat, read_jsonl, record_keys, split_file
+def check_data(cfg: TrainConfig) -> None:
+    """The data checks (no tokenizer needed): each source exists (a file, a folder or a Hub dataset ID)
+    and is readable here, every record the run will read parses in the format given or detected, and
+    ``--val_size`` holds out at least one record and leaves at least one."""
+    from .records import needs_datasets, require_datasets, source_kind
+    from .sources import check_run_data
 
-    p = split_file(Path(path).expanduser(), split)
-    records = read_jsonl(p)
-    first_line, first = records[0]
-    kind = detect_format(first) if fmt == "auto" else fmt
-    looks = detect_format(first)
-    if fmt != "auto" and looks not in (None, fmt):
-        raise RunError(f"--data_format {fmt}, but {p}:{first_line} is in {looks} format (keys: "
-                       f"{record_keys(first)}); use --data_format {looks} or auto")  # fmt: skip
-    if kind not in ("alpaca", "chat"):
-        raise DataError(f"{label} {p}:{first_line}: unknown format (keys: {record_keys(first)}); "
-                        "expected 'messages' (chat) or 'instruction' + 'output' (alpaca)")  # fmt: skip
-    parse = parse_chat if kind == "chat" else parse_alpaca
-    for lineno, rec in records[:limit] if limit is not None else records:
-        parse(p, lineno, rec)
+    for label, path in (("--data", cfg.data), ("--eval_data", cfg.eval_data)):
+        if not path:
+            continue
+        kind = source_kind(path)
+        if kind == "missing":
+            raise RunError(f"{label} file not found: {path}")
+        if needs_datasets(kind):
+            require_datasets(f"{label} {path}", kind)
+    check_run_data(cfg)
 
 
 def check_writable(out: Path) -> None:
@@ -271,12 +268,7 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     ds = load_ds_config(cfg.ds_config) if cfg.ds_config else None
     if ds is not None:
         check_ds_batch(cfg, ds, cfg.ds_config)
-    for label, path, split, limit in (("--data", cfg.data, "train", cfg.train_limit),
-                                      ("--eval_data", cfg.eval_data, "test", cfg.eval_limit)):  # fmt: skip
-        if path and not Path(path).exists():
-            raise RunError(f"{label} file not found: {path}")
-        if path:
-            check_data_file(label, path, split, cfg.data_format, limit)
+    check_data(cfg)
     if cfg.data is None and cfg.task not in ("math", "sentiment"):
         raise RunError(f"--task must be 'math' or 'sentiment' (or give --data FILE.jsonl), got {cfg.task!r}")
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:

@@ -130,7 +130,8 @@ class Recipe:
             "peak_memory_mb_per_rank": peaks,
             "wall_time_s": time.time() - self.t0,
             "flatlora": flat.stats() if flat is not None else None,
-            "data": {"train": data.train.stats, "heldout": data.heldout.stats if data.heldout is not None else None},
+            "data": {"train": data.train.stats, "heldout": data.heldout.stats if data.heldout is not None else None,
+                     "heldout_from": data.heldout_from},
         }
         if cfg.merge:
             merged = trainer.model.merge_and_unload()
