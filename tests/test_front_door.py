@@ -76,7 +76,7 @@ CASES = [
     Case("data_format chat, alpaca file", ["--data", "{tmp}/ok.jsonl", "--data_format", "chat"],
          "--data_format chat, but", "file"),  # fmt: skip
     Case("fsdp3", ["--fsdp", "fsdp3"], "--fsdp must be 'fsdp1', 'fsdp2' or 'hsdp'"),
-    Case("report_to wandb", ["--report_to", "wandb"], "--report_to must be"),
+    Case("report_to wandb", ["--report_to", "wandb"], "pip install wandb"),
     Case("eval_steps without eval data", ["--data", "{tmp}/ok.jsonl", "--eval_steps", "2"], "needs held-out data"),
     # config files
     Case("config not found", ["--config", "{tmp}/nope.yaml"], "config file not found"),

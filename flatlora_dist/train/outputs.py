@@ -17,7 +17,8 @@ from .runtime import barrier, is_main
 COMPLETE_MARKER = "COMPLETE"
 RUN_CONFIG = "run_config.json"
 RUN_STATE = "run_state.json"  # in each checkpoint: what the Trainer's own state does not carry
-RUN_ARTIFACTS = ("summary.json", "curves.png", RUN_CONFIG, "adapter", "merged", "tensorboard")
+METRICS_LOG = "metrics.jsonl"  # trainer.MetricsLog: every Trainer log line of the run, across resumes
+RUN_ARTIFACTS = ("summary.json", "curves.png", RUN_CONFIG, "adapter", "merged", "tensorboard", METRICS_LOG)
 def checkpoints(output_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders, oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .loggers import check_report_to
 from .outputs import RUN_ARTIFACTS, RUN_CONFIG, checkpoints, last_complete_checkpoint
 from .plan import RunPlan
 from .runtime import AlreadyFinished, RunError, world_size
@@ -259,7 +260,7 @@ def check_resume_noise(ckpt: Path, cfg: TrainConfig, noise_scheme: str | None = 
 def preflight(cfg: TrainConfig) -> RunPlan:
     """Every check that needs no model, data tokenization or process group: settings, files, the model
     folder, the output folder (writable, not holding another run), then the names only transformers
-    knows (scheduler, attention), and last the FSDP kind (``--fsdp`` against the launcher's config).
+    knows (scheduler, attention, loggers), and last the FSDP kind (``--fsdp`` against the launcher's config).
     Raises before anything is written; returns the run's facts, settled once.  A Hub model not yet in
     the Hugging Face cache is downloaded last, once every other check has passed (by every process of a
     launch: ``huggingface_hub``'s file locks make it one download)."""
@@ -292,6 +293,7 @@ def preflight(cfg: TrainConfig) -> RunPlan:
     resume_from = check_output_dir(cfg, scheme)
     check_scheduler(cfg)
     check_attention(cfg)
+    check_report_to(cfg.report_to)
     kind = cfg.fsdp if cfg.ds_config else fsdp_kind(cfg)  # refuses a contradiction or a launcher-less FSDP
     if is_hub_id(cfg.model):
         model_folder(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -22,7 +22,7 @@ from .outputs import prepare_output_dir, save_adapter
 from .plan import RunPlan
 from .preflight import preflight
 from .report import gather_per_rank, peak_memory_mb, plot_curves, write_json_atomic
-from .runtime import RunError, StopRequest, barrier, is_main, world_size
+from .runtime import RunError, StopRequest, barrier, is_main, signal_name, world_size
 
 
 def init_distributed(plan: RunPlan) -> None:
@@ -34,6 +34,17 @@ def init_distributed(plan: RunPlan) -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def announce_resume(cfg: TrainConfig, resume_from: Path | None) -> None:
+    """Main rank, ``--resume``: say which checkpoint the run continues from (or that none was complete)."""
+    if not (cfg.resume and is_main()):
+        return
+    if resume_from is None:
+        print(f"resume: no complete checkpoint in {cfg.output_dir}; starting from step 0", file=sys.stderr, flush=True)
+    else:
+        step = resume_from.name.rsplit("-", 1)[-1]
+        print(f"resume: continuing from {resume_from} (step {step})", file=sys.stderr, flush=True)
 
 
 class Recipe:
@@ -81,6 +92,7 @@ class Recipe:
             self.trainer, self.clock = build_trainer(self.cfg, self.plan, self.args, self.model, self.tokenizer,
                                                      self.data, journal, self.stop, self.extra_callbacks)  # fmt: skip
             resume_from = self.plan.resume_from
+            announce_resume(self.cfg, resume_from)
             try:
                 self.result = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             except BaseException:
@@ -92,8 +104,9 @@ class Recipe:
         journal.commit()
 
     def finish(self) -> dict[str, Any]:
-        """After a SIGTERM stop: report it.  Else: save the adapter, evaluate, write the summary (and the
-        merged model if asked); returns the summary (``stopped`` set when a SIGTERM cut the evaluation)."""
+        """After a SIGTERM / Ctrl-C stop: report it.  Else: save the adapter, evaluate, write the summary (and
+        the merged model if asked); returns the summary (``stopped`` and ``exit_code`` set when a signal cut
+        the evaluation).  A resumed run's ``metrics_before`` are the first run's (carried by checkpoints)."""
         from .evaluate import final_evaluation
 
         cfg, plan, trainer, clock, data = self.cfg, self.plan, self.trainer, self.clock, self.data
@@ -118,7 +131,7 @@ class Recipe:
             "skipped_steps": trainer.skipped_steps,
             "metrics_before": clock.before.get("metrics"),
             "metrics_after": after_metrics,
-            "final_evaluation": "complete" if after_metrics is not None else "stopped by SIGTERM",
+            "final_evaluation": "complete" if after_metrics is not None else f"stopped by {self.stopped_by()}",
             "train_loss": self.result.training_loss,
             "base_fingerprint_before": clock.before.get("fingerprint"),
             "base_fingerprint_after": fingerprint_after,
@@ -142,21 +155,29 @@ class Recipe:
             write_json_atomic(out / "summary.json", summary)
             plot_curves(trainer.state.log_history, out / "curves.png", f"{cfg.model} sigma={cfg.sigma}")
             if after_metrics is None:
-                print(f"stopped: SIGTERM during the final evaluation; training finished, {out / 'adapter'} is complete "
+                print(f"stopped: {self.stopped_by()} during the final evaluation; training finished, {out / 'adapter'} is complete "
                       f"and {out / 'summary.json'} has no after-metrics", file=sys.stderr)  # fmt: skip
             else:
                 print(f"done: {out / 'summary.json'}  before={summary['metrics_before']}  after={after_metrics}")
         barrier()
-        return {**summary, "stopped": True} if after_metrics is None else summary
+        if after_metrics is None:
+            return {**summary, "stopped": True, "exit_code": self.stop.exit_code}
+        return summary
+
+    def stopped_by(self) -> str:
+        """The signal that stopped this process, by name (``SIGTERM`` when none reached it here)."""
+        return signal_name(self.stop.signum)
 
     def stopped(self, out: Path) -> dict[str, Any]:
-        """After a SIGTERM stop: the checkpoint is complete; no final evaluation, adapter or summary."""
-        trainer = self.trainer
-        step = trainer.graceful_stop.stopped_at
+        """After a SIGTERM or Ctrl-C stop: the checkpoint is complete; no final evaluation, adapter or summary
+        (the caller prints the command that continues).  The exit code is the agreed signal's."""
+        trainer, graceful = self.trainer, self.trainer.graceful_stop
+        step = graceful.stopped_at
         ckpt = out / f"checkpoint-{step}"
         if is_main():
-            got = "SIGTERM" if self.stop.signum is not None else "SIGTERM on another rank"
-            print(f"stopped: {got} at step {step}/{trainer.state.max_steps}; {ckpt} is complete; "
-                  "rerun with --resume to continue", file=sys.stderr)  # fmt: skip
+            got = signal_name(graceful.signum) + ("" if self.stop.signum is not None else " on another rank")
+            print(f"stopped: {got} at step {step}/{trainer.state.max_steps}; {ckpt} is complete",
+                  file=sys.stderr, flush=True)  # fmt: skip
         barrier()
-        return {"stopped": True, "steps": step, "checkpoint": str(ckpt), "skipped_steps": trainer.skipped_steps}
+        return {"stopped": True, "exit_code": 128 + graceful.signum, "steps": step, "checkpoint": str(ckpt),
+                "skipped_steps": trainer.skipped_steps}  # fmt: skip

@@ -1,6 +1,7 @@
 """The Trainer side of a run: ``TrainingArguments`` from the settings and the plan, :class:`FlatTrainer`
 (HF ``Trainer`` + skipped updates on non-finite values + saves of clean weights), the app's callbacks
-(checkpoint marker, SIGTERM stop, skipped-step report, :class:`RunClock`) and :func:`build_trainer`, which
+(checkpoint marker, SIGTERM / Ctrl-C stop, skipped-step report, ``metrics.jsonl``, :class:`RunClock`) and
+:func:`build_trainer`, which
 puts them together (``extra_callbacks``: hooks a caller adds, e.g. the tests' fault injection)."""
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from transformers import Trainer, TrainerCallback
 
 from ..checkpoint import base_fingerprint
 from ..compat import checkpointing_arguments
-from ..hf import FlatLoRACallback, any_rank
+from ..hf import FlatLoRACallback
 from .config import TrainConfig
 from .evaluate import evaluate_all
-from .outputs import COMPLETE_MARKER, RUN_STATE, OutputJournal, rotate_checkpoints
+from .loggers import report_to_names
+from .outputs import COMPLETE_MARKER, METRICS_LOG, RUN_STATE, OutputJournal, rotate_checkpoints
 from .plan import RunPlan
-from .report import write_json_atomic
-from .runtime import StopRequest, barrier, is_main, logger
+from .report import strict_json_value, write_json_atomic
+from .runtime import StopRequest, agreed_signal, barrier, is_main, logger
 
 TrainerHook = Callable[["FlatTrainer"], None]
 """A caller's addition to the Trainer the app builds, called once the app's callbacks are in place and
@@ -63,7 +65,7 @@ def training_arguments(cfg: TrainConfig, plan: RunPlan):
         save_total_limit=None,  # rotate_checkpoints() does it, after the COMPLETE marker
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps or None,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to=report_to_names(cfg.report_to),
         deepspeed=plan.ds,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -89,7 +91,9 @@ class FlatTrainer(Trainer):
     in the logs, and keeps a ``save_model`` called mid-window clean.
 
     ``flat_callback`` (set by :func:`add_callbacks`) gives access to the engine; ``skipped_steps``
-    lists the steps (1-based: the ``checkpoint-N`` numbering) whose update was skipped, across resumes.
+    lists the steps (1-based: the ``checkpoint-N`` numbering) whose update was skipped, across resumes;
+    ``metrics_before``: the held-out metrics before training, measured by the first run of this output
+    folder (checkpoints carry them to a resumed run; ``None`` until measured).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -97,6 +101,7 @@ class FlatTrainer(Trainer):
         self.flat_callback = None
         self.graceful_stop: GracefulStop | None = None
         self.skipped_steps: list[int] = []
+        self.metrics_before: dict[str, Any] | None = None
         self.bad_loss: float | None = None  # first non-finite loss of this window on this rank
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -144,7 +149,8 @@ class CheckpointGuard(TrainerCallback):
         barrier()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if is_main() and ckpt.is_dir():
-            write_json_atomic(ckpt / RUN_STATE, {"skipped_steps": self.trainer.skipped_steps})
+            write_json_atomic(ckpt / RUN_STATE, {"skipped_steps": self.trainer.skipped_steps,
+                                                 "metrics_before": self.trainer.metrics_before})  # fmt: skip
             marker = ckpt / COMPLETE_MARKER
             with open(marker, "w") as f:
                 f.write(f"step {state.global_step}\n")
@@ -155,17 +161,46 @@ class CheckpointGuard(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """At the end of an optimizer step, if any rank got SIGTERM: all ranks save and stop."""
+    """At the end of an optimizer step, if any rank got SIGTERM or Ctrl-C: all ranks save and stop;
+    ``signum`` is then the signal they agreed on (SIGTERM if ranks got different ones)."""
 
     def __init__(self, stop: StopRequest | None) -> None:
         self.stop = stop
         self.stopped_at: int | None = None
+        self.signum: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop is not None and any_rank(self.stop.signum is not None):
+        if self.stop is None:
+            return
+        signum = agreed_signal(self.stop.signum)
+        if signum is not None:
             control.should_save = True
             control.should_training_stop = True
-            self.stopped_at = state.global_step
+            self.stopped_at, self.signum = state.global_step, signum
+
+
+class MetricsLog(TrainerCallback):
+    """``<output_dir>/metrics.jsonl``: one JSON object per Trainer log call (``step``, ``epoch`` and the
+    logged values; non-finite numbers as ``null``), main rank only, flushed at once.  A resumed run appends;
+    its first write drops the lines of steps after its checkpoint (redone, so logged again), so the file
+    always holds one history, each step once."""
+
+    def __init__(self, output_dir: str, resumed_at: int | None) -> None:
+        self.path = Path(output_dir) / METRICS_LOG
+        self.resumed_at = resumed_at
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or logs is None:
+            return
+        if self.resumed_at is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= self.resumed_at]  # fmt: skip
+            self.path.write_text("".join(kept))
+        self.resumed_at = None
+        record = strict_json_value({"step": state.global_step, "epoch": state.epoch, **logs})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+            f.flush()
 
 
 class SkipReport(TrainerCallback):
@@ -187,9 +222,11 @@ class SkipReport(TrainerCallback):
         trainer.bad_loss = None
 
 
-def add_callbacks(trainer: FlatTrainer, cfg: TrainConfig, stop: StopRequest | None = None) -> FlatLoRACallback:
+def add_callbacks(trainer: FlatTrainer, cfg: TrainConfig, stop: StopRequest | None = None,
+                  resumed_at: int | None = None) -> FlatLoRACallback:  # fmt: skip
     """The app's callbacks, in their order: Flat-LoRA, the skipped-step report, the checkpoint marker, the
-    SIGTERM stop (``trainer.graceful_stop``).  Returns the Flat-LoRA callback (``trainer.flat_callback``)."""
+    SIGTERM / Ctrl-C stop (``trainer.graceful_stop``), the metrics log (``resumed_at``: the checkpoint's
+    step of a resumed run).  Returns the Flat-LoRA callback (``trainer.flat_callback``)."""
     # sigma 0 (plain LoRA) keeps the callback for its non-finite step skipping; it creates no engine
     flat = FlatLoRACallback.attach(trainer, cfg.flat_config())
     trainer.flat_callback = flat
@@ -197,6 +234,7 @@ def add_callbacks(trainer: FlatTrainer, cfg: TrainConfig, stop: StopRequest | No
     trainer.add_callback(CheckpointGuard(trainer, cfg.save_total_limit))
     trainer.graceful_stop = GracefulStop(stop)
     trainer.add_callback(trainer.graceful_stop)
+    trainer.add_callback(MetricsLog(cfg.output_dir, resumed_at))
     return flat
 
 
@@ -219,8 +257,9 @@ class RunClock(TrainerCallback):
         model = self.trainer.model
         self.before["fingerprint"] = base_fingerprint(model)
         if not self.resumed:
-            self.before["metrics"] = evaluate_all(self.cfg, model, self.tokenizer, self.heldout, self.extra,
-                                                  self.accuracy)  # fmt: skip
+            self.trainer.metrics_before = evaluate_all(self.cfg, model, self.tokenizer, self.heldout, self.extra,
+                                                       self.accuracy)  # fmt: skip
+        self.before["metrics"] = self.trainer.metrics_before
         self.tokens_at_start, self.start_step = state.num_input_tokens_seen, state.global_step
         self.started = time.perf_counter()
 
@@ -245,12 +284,13 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, args, model, tokenizer, data,
     with tensorboard_dir(cfg):
         trainer = FlatTrainer(model=model, args=args, train_dataset=data.train.dataset, data_collator=data.train.collator,
                               eval_dataset=heldout.dataset if heldout is not None and cfg.eval_steps else None)  # fmt: skip
-    add_callbacks(trainer, cfg, stop)
+    resume_from = plan.resume_from
+    add_callbacks(trainer, cfg, stop, int(resume_from.name.rsplit("-", 1)[-1]) if resume_from is not None else None)
     for hook in extra_callbacks:
         hook(trainer)
-    resume_from = plan.resume_from
     if resume_from is not None and (resume_from / RUN_STATE).is_file():
-        trainer.skipped_steps = json.loads((resume_from / RUN_STATE).read_text())["skipped_steps"]
+        state = json.loads((resume_from / RUN_STATE).read_text())
+        trainer.skipped_steps, trainer.metrics_before = state["skipped_steps"], state.get("metrics_before")
     # sharded runs take accuracy from one unsharded copy on rank 0 (evaluate.final_evaluation)
     clock = RunClock(trainer, cfg, tokenizer, heldout, data.extra, resume_from is not None, not plan.sharded, journal)
     trainer.add_callback(clock)
