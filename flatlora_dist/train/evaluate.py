@@ -121,8 +121,8 @@ def final_evaluation(cfg: TrainConfig, plan: RunPlan, trainer, tokenizer, data, 
 
     split_eval, heldout, extra = plan.sharded, data.heldout, data.extra
     if is_main():
-        n = len(heldout.dataset) if heldout is not None else 0
-        print(f"final evaluation: {n} held-out examples", file=sys.stderr, flush=True)
+        what = f"{len(heldout.dataset)} held-out examples" if heldout is not None else "no held-out data (loss not measured)"
+        print(f"final evaluation: {what}", file=sys.stderr, flush=True)
     try:
         with stop_when(lambda: any_rank(stop.signum is not None)):  # every rank evaluates in lockstep
             after = evaluate_all(cfg, trainer.model, tokenizer, heldout, extra, not split_eval)
