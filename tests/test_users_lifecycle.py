@@ -5,6 +5,9 @@ Each row runs the real entry point (``launch/train.py``) in subprocesses, with `
 - Ctrl-C after a checkpoint stops cleanly (exit 130, a complete checkpoint, the exact command to continue,
   no traceback); that printed command, run as printed, says which checkpoint it continues from and ends
   with the uninterrupted run's adapter (bitwise), its per-step losses and its before-training metrics;
+- the same under ``torchrun --nproc_per_node 2 ... --fsdp fsdp2`` with the SIGINT sent to the launcher's
+  process group (what a terminal does): both ranks stop at the same step with a complete checkpoint, the
+  launcher's command with ``--resume`` ends with an uninterrupted 2-rank run's adapter and losses (bitwise);
 - two Ctrl-C in quick succession abort at once (exit 130, no waiting for the step), and the next
   ``--resume`` continues from the last complete checkpoint with every other one set aside;
 - ``--report_to`` with a logger whose package is missing is one error line naming the package to
@@ -19,6 +22,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,8 +53,8 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
                                 env=_env(), cwd=log.parent)  # fmt: skip
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env or _env(), cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -155,6 +159,88 @@ def test_second_ctrl_c_aborts_at_once_and_resume_sets_the_cut_checkpoint_aside(t
     assert all((p / "COMPLETE").is_file() for p in out.glob("checkpoint-*"))
     assert sorted(p.name.rsplit("-", 1)[0] for p in out.glob("incomplete-checkpoint-*")) == [f"incomplete-{c}" for c in cut]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4 and sorted(losses(out)) == [1, 2, 3, 4]
+
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env() -> dict[str, str]:
+    env = {k: v for k, v in _env().items() if not k.startswith(("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_"))
+           and k not in ("LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}  # fmt: skip
+    return dict(env, MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
+
+
+TORCHRUN = [*QUICK, "--train_limit", "16", "--max_steps", "12", "--save_steps", "2", "--fsdp", "fsdp2"]
+
+
+def test_ctrl_c_under_torchrun_stops_both_ranks_cleanly_and_resume_ends_as_uninterrupted(tmp_path):
+    """``torchrun --nproc_per_node 2 launch/train.py ... --fsdp fsdp2`` in its own process group, which gets the
+    SIGINT (a terminal's Ctrl-C).  torchrun starts every rank in a session of its own (``start_new_session``,
+    torch 2.11 to 2.14), so the ranks never see the terminal's SIGINT: the agent's handler raises
+    ``SignalException``, it relays SIGINT to each rank's group and waits ``--shutdown_timeout`` (default 30 s)
+    before SIGKILL, then re-raises: torchrun exits 1 with that one traceback (its report of the signal it got;
+    the ranks' 130 is not passed on).  Both ranks stop at the end of the step with a complete checkpoint,
+    rank 0 says so and prints the launcher hint; the same command with ``--resume`` ends with the adapter and
+    per-step losses of an uninterrupted 2-rank run (bitwise: same launcher, world and data order)."""
+    ref_out, out, log, ref_log = tmp_path / "ref", tmp_path / "run", tmp_path / "run.log", tmp_path / "ref.log"
+
+    def command(output_dir: Path, port: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(port), str(TRAIN), *TORCHRUN, "--output_dir", str(output_dir)]  # fmt: skip
+
+    port, ref_port = free_port(), free_port()
+    while ref_port == port:
+        ref_port = free_port()
+    cmd = command(out, port)
+    with open(log, "w") as f, open(ref_log, "w") as g:
+        reference = subprocess.Popen(command(ref_out, ref_port), stdout=g, stderr=subprocess.STDOUT,
+                                     env=torchrun_env(), cwd=tmp_path)  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=torchrun_env(), cwd=tmp_path,
+                                start_new_session=True)  # fmt: skip
+    try:
+        wait_until(lambda: max(losses(out), default=0) >= 3 and complete(out) != [], proc, log)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the agent and everything else in its process group
+        proc.wait(timeout=120)
+        assert reference.wait(timeout=240) == 0, ref_log.read_text()[-4000:]
+    finally:
+        for p in (proc, reference):  # on a failure: SIGTERM to the agent stops its ranks (own sessions)
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    printed = log.read_text()
+    assert proc.returncode == 1, printed[-4000:]  # torchrun's SignalException, not the ranks' 130
+    assert "closing signal SIGINT" in printed and "forcefully exiting" not in printed, printed[-4000:]
+    assert printed.count("Traceback (most recent call last)") == 1, printed[-6000:]  # the agent's only
+    assert printed.rstrip().splitlines()[-1].startswith(
+        "torch.distributed.elastic.multiprocessing.api.SignalException: Process "), printed[-4000:]
+    assert "KeyboardInterrupt" not in printed and "aborted by Ctrl-C" not in printed, printed[-4000:]
+    stops = [line for line in printed.splitlines() if line.startswith("stopped: ")]
+    assert len(stops) == 1 and stops[0].startswith("stopped: SIGINT (Ctrl-C) at step "), printed[-4000:]
+    step = int(stops[0].split(" at step ")[1].split("/")[0])
+    assert 3 <= step < 12 and f"{out / f'checkpoint-{step}'} is complete" in stops[0]
+    assert complete(out)[-1] == f"checkpoint-{step}"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == complete(out), "no checkpoint left unmarked"
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()
+    assert sorted(losses(out)) == list(range(1, step + 1)), "every step up to the stop, logged once"
+    hint = next(line for line in printed.splitlines() if line.startswith("rerun the same launcher command with --resume"))
+    assert shlex.join([str(TRAIN), *TORCHRUN, "--output_dir", str(out), "--resume"]) in hint
+
+    resumed = run([*cmd, "--resume"], tmp_path, env=torchrun_env())
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert f"resume: continuing from {out / f'checkpoint-{step}'} (step {step})" in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == str(out / f"checkpoint-{step}") and summary["steps"] == 12
+    assert summary["backend"] == "fsdp2" and summary["world_size"] == 2
+    final, expected = adapter(out), adapter(ref_out)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    assert losses(out) == losses(ref_out), "metrics.jsonl: one history, equal to the uninterrupted run's"
 
 
 # ------------------------------------------------------------------------------------- loggers

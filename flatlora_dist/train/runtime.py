@@ -60,9 +60,11 @@ class StopRequest:
     the first stop signal received and never changes after.  Repeated SIGTERMs change nothing: a rank
     often gets two (``kill`` of the process group, then the DeepSpeed launcher forwarding its own);
     schedulers and launchers escalate with SIGKILL.  A second Ctrl-C aborts at once
-    (``KeyboardInterrupt``), unless it comes within :attr:`relay_s` of the first: under torchrun or
-    ``accelerate launch`` a rank gets the terminal's SIGINT and the agent's relayed copy of it
-    milliseconds apart, which is one Ctrl-C, not two (plain python: no such window).
+    (``KeyboardInterrupt``), unless it comes within :attr:`relay_s` of the first: a launcher whose ranks
+    share the terminal's process group and that relays the SIGINT itself delivers one Ctrl-C twice,
+    milliseconds apart (plain python: no such window).  torchrun (and ``accelerate launch``, through it)
+    starts each rank in a session of its own (torch 2.11 to 2.14), so there a rank gets only the agent's
+    relayed SIGINT, once.
     """
 
     def __init__(self, relay_s: float | None = None) -> None:
