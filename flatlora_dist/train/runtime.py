@@ -89,10 +89,17 @@ class StopRequest:
         if self.signum is None:
             self.signum, self._first_at = signum, now
             if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
-                os.write(2, b"\nCtrl-C: stopping at the end of this step and writing a checkpoint "
-                            b"(Ctrl-C again to abort at once, losing the steps since the last checkpoint)\n")
+                os.write(2, b"\nCtrl-C: stopping at the end of this step and writing a checkpoint " + self._again())
         elif signum == signal.SIGINT and self.signum == signal.SIGINT and now - self._first_at > self.relay_s:
             raise KeyboardInterrupt
+
+    @staticmethod
+    def _again() -> bytes:
+        """What a second Ctrl-C does.  Under a launcher (``LOCAL_RANK``) the launcher gets it, not the ranks:
+        torchrun's agent answers it by sending its ranks SIGTERM, which they take as the same clean stop."""
+        if "LOCAL_RANK" in os.environ:
+            return b"(a second Ctrl-C goes to the launcher, which asks the ranks to stop the same way)\n"
+        return b"(Ctrl-C again to abort at once, losing the steps since the last checkpoint)\n"
 
     @property
     def exit_code(self) -> int:
