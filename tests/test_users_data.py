@@ -1,10 +1,11 @@
 """Users' own data as they have it (issue 25), through ``launch/train.py`` in subprocesses.
 
 Each row is one thing a user tries with ``--model tiny``; the data files are built here (pandas writes
-the parquet and CSV files, ``datasets`` the ``save_to_disk`` folder).  Runs that train go 2 steps and
-must exit 0 with an adapter and a summary counting the train/held-out examples expected; refusals must
-exit 2 with one ``error:`` line, no traceback, and no output folder.  The runs go two at a time (the
-CI machine has 2 cores) from one module fixture; ``HF_HOME`` is the test's own and the Hub is offline.
+the parquet and CSV files, ``datasets`` the ``save_to_disk`` folder and the cache of a Hub dataset).
+Runs that train go 2 steps and must exit 0 with an adapter and a summary counting the train/held-out
+examples expected; refusals must exit 2 with one ``error:`` line, no traceback, and no output folder.
+The runs go two at a time (the CI machine has 2 cores) from one module fixture; ``HF_HOME`` is the
+test's own and the Hub is offline.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SHAREGPT = [{"conversations": [{"from": "human", "value": f"Name a number above 
 CHAT = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]}
         for i in range(9)]  # fmt: skip
 VAL_SIZE, SEED = 0.25, 42
+HUB_ID, HUB_SHA = "testorg/tiny-alpaca", "0123456789abcdef0123456789abcdef01234567"
 
 
 def _write_inputs(tmp: Path) -> None:
@@ -49,6 +51,34 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "sharegpt_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SHAREGPT[7:]))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT[:6]),
                           "validation": datasets.Dataset.from_list(CHAT[6:])}).save_to_disk(str(tmp / "saved"))  # fmt: skip
+    _cache_hub_dataset(tmp / "hf_home", {"train": ALPACA[:8], "validation": ALPACA[9:]})
+
+
+def _cache_hub_dataset(hf_home: Path, splits: dict[str, list[dict]]) -> None:
+    """``HF_HOME`` as an online ``load_dataset(HUB_ID)`` leaves it for a repo of ``data/<split>.jsonl``
+    files at commit ``HUB_SHA``, built offline: the hub snapshot of the data files (``hub/datasets--
+    testorg--tiny-alpaca``: ``refs/main`` and ``snapshots/<sha>/``), and the prepared Arrow cache that
+    ``datasets``' own JSON builder writes from them, configured as its Hub module configures it (repo,
+    dataset name, config ``default``, the commit as hash): ``datasets/testorg___tiny-alpaca/default/
+    0.0.0/<sha>/``.  Offline, ``load_dataset`` reads only the prepared cache (its ``cache`` module); the
+    hub snapshot alone is not enough."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    repo = hf_home / "hub" / f"datasets--{HUB_ID.replace('/', '--')}"
+    snapshot = repo / "snapshots" / HUB_SHA
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_SHA)
+    for split, records in splits.items():
+        (snapshot / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    builder = Json(cache_dir=str(hf_home / "datasets"), dataset_name=HUB_ID.split("/")[1], repo_id=HUB_ID,
+                   config_name="default", hash=HUB_SHA)  # fmt: skip
+    # the files after the builder's check that data files are hf://datasets/<repo>@<sha>/ URLs: online they
+    # are, and the download manager resolves them to the snapshot; here the snapshot paths are given directly
+    builder.config.data_files = DataFilesDict.from_patterns({s: [f"data/{s}.jsonl"] for s in splits},
+                                                            base_path=str(snapshot))  # fmt: skip
+    builder.download_and_prepare()
 
 
 @dataclass
@@ -67,11 +97,13 @@ ROWS = [
     Row("save_to_disk DatasetDict", ["--data", "{tmp}/saved"]),
     Row("wrong data_format", ["--data", "{tmp}/sharegpt.jsonl", "--data_format", "alpaca"]),
     Row("hub dataset not cached, offline", ["--data", "someone/not-cached-here"]),
+    Row("hub dataset cached, offline", ["--data", HUB_ID]),
 ]
 
 
 def _run(row: Row, tmp: Path, out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_CACHE", "HF_HUB_CACHE")}  # HF_HOME's
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
                HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # fmt: skip
     args = [a.format(tmp=tmp) for a in row.args]
     p = subprocess.run([sys.executable, str(TRAIN), *QUICK, "--output_dir", str(out), *args],
@@ -172,4 +204,12 @@ def test_wrong_data_format_names_the_format_found(results):
 def test_uncached_hub_dataset_offline_names_how_to_get_it(results):
     error = refused(results["hub dataset not cached, offline"])
     assert "someone/not-cached-here" in error and "HF_HUB_OFFLINE" in error
-    assert "load_dataset('someone/not-cached-here')" in error
+    assert "load_dataset('someone/not-cached-here')" in error and "hf_home/datasets" in error
+
+
+def test_cached_hub_dataset_offline_trains_on_train_and_holds_out_validation(results):
+    r = results["hub dataset cached, offline"]
+    data = trained(r)["data"]
+    assert (data["train"]["examples"], data["heldout"]["examples"]) == (8, 3)
+    assert data["heldout_from"] == f"the 'validation' split of {HUB_ID}"
+    assert "warning: no held-out" not in r["log"]

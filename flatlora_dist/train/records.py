@@ -6,8 +6,9 @@
 * ``.parquet`` and ``.csv``: the ``datasets`` library's loaders (CSV cells are read as text).
 * a folder written by ``datasets`` ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` by split).
 * a folder of ``<split>.jsonl`` files.
-* a Hub dataset ID (``owner/name``) through ``datasets.load_dataset`` and the HF cache (``HF_HOME``,
-  ``HF_HUB_OFFLINE`` honoured).
+* a Hub dataset ID (``owner/name``) through ``datasets.load_dataset`` (``HF_HUB_OFFLINE`` honoured:
+  offline, ``datasets`` reads only the Arrow files an earlier ``load_dataset`` prepared in its cache,
+  ``HF_DATASETS_CACHE``, by default ``$HF_HOME/datasets``; not the hub snapshot in ``HF_HUB_CACHE``).
 
 Everything but JSON needs ``datasets`` (the ``trl`` extra); without it, one error names the install.
 Records come as :data:`~.formats.Row` ``(where, record)`` pairs in the source's order; ``where`` is
@@ -197,8 +198,9 @@ def open_dataset(name: str, kind: str):
     except Exception as err:  # not found, offline, no access: one line with the way to get it
         get = f"python -c \"import datasets; datasets.load_dataset('{name}')\" with network access"
         if _offline():
-            raise DataError(f"{name}: no such file or folder, and not a dataset in the HF cache "
-                            f"(HF_HUB_OFFLINE is set); cache it first: {get}") from None  # fmt: skip
+            raise DataError(f"{name}: no such file or folder, and not a dataset in the datasets cache "
+                            f"{datasets.config.HF_DATASETS_CACHE} (HF_HUB_OFFLINE is set; a hub download alone "
+                            f"is not enough); cache it first: {get}") from None  # fmt: skip
         raise DataError(f"{name}: no such file or folder, and the Hub dataset cannot be loaded ({_cause(err)})") from None
 
 
