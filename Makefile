@@ -102,9 +102,11 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 # The floor stack: the fast tier (the kernel tests' interpreter runs included), then the user-trainer,
-# ZeRO-3 and trace tests in full, then bench/gpu_check.sh's CPU smoke run (the GPU image is a floor-range
-# stack).  The kernels' multi-rank slow tests stay on the newest stack: CI's time is bounded.
-FLOOR_TESTS := tests/test_user_trainers.py tests/test_deepspeed.py tests/test_trace.py
+# ZeRO-3 and trace tests in full, the users' models and data tables (huggingface_hub's cache and datasets'
+# loaders differ most across the range), then bench/gpu_check.sh's CPU smoke run (the GPU image is a
+# floor-range stack).  The kernels' multi-rank slow tests stay on the newest stack: CI's time is bounded.
+FLOOR_TESTS := tests/test_user_trainers.py tests/test_deepspeed.py tests/test_trace.py \
+	tests/test_users_models.py tests/test_users_data.py
 test-floor install-floor: export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions/$(subst .,,$(FLOOR_VENV))
 test-floor: install-floor
 	$(FLOOR_PY) -m pytest -q -ra -m "not slow" tests

@@ -36,6 +36,7 @@ CHAT = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assist
         for i in range(9)]  # fmt: skip
 VAL_SIZE, SEED = 0.25, 42
 HUB_ID, HUB_SHA = "testorg/tiny-alpaca", "0123456789abcdef0123456789abcdef01234567"
+SNAPSHOT_ID = "testorg/downloaded-alpaca"  # only in the hub cache (hf download), never prepared by datasets
 
 
 def _write_inputs(tmp: Path) -> None:
@@ -52,6 +53,20 @@ def _write_inputs(tmp: Path) -> None:
     datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT[:6]),
                           "validation": datasets.Dataset.from_list(CHAT[6:])}).save_to_disk(str(tmp / "saved"))  # fmt: skip
     _cache_hub_dataset(tmp / "hf_home", {"train": ALPACA[:8], "validation": ALPACA[9:]})
+    _hub_snapshot(tmp / "hf_home", SNAPSHOT_ID, {"train": ALPACA[2:9], "test": ALPACA[:2]})
+
+
+def _hub_snapshot(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> Path:
+    """The hub cache's snapshot of a repo of ``data/<split>.jsonl`` files at commit ``HUB_SHA``, as ``hf
+    download <repo_id> --repo-type dataset`` leaves it (``refs/main`` naming the commit); its folder."""
+    repo = hf_home / "hub" / f"datasets--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / HUB_SHA
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_SHA)
+    for split, records in splits.items():
+        (snapshot / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return snapshot
 
 
 def _cache_hub_dataset(hf_home: Path, splits: dict[str, list[dict]]) -> None:
@@ -65,13 +80,7 @@ def _cache_hub_dataset(hf_home: Path, splits: dict[str, list[dict]]) -> None:
     from datasets.data_files import DataFilesDict
     from datasets.packaged_modules.json.json import Json
 
-    repo = hf_home / "hub" / f"datasets--{HUB_ID.replace('/', '--')}"
-    snapshot = repo / "snapshots" / HUB_SHA
-    (snapshot / "data").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(HUB_SHA)
-    for split, records in splits.items():
-        (snapshot / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    snapshot = _hub_snapshot(hf_home, HUB_ID, splits)
     builder = Json(cache_dir=str(hf_home / "datasets"), dataset_name=HUB_ID.split("/")[1], repo_id=HUB_ID,
                    config_name="default", hash=HUB_SHA)  # fmt: skip
     # the files after the builder's check that data files are hf://datasets/<repo>@<sha>/ URLs: online they
@@ -98,6 +107,7 @@ ROWS = [
     Row("wrong data_format", ["--data", "{tmp}/sharegpt.jsonl", "--data_format", "alpaca"]),
     Row("hub dataset not cached, offline", ["--data", "someone/not-cached-here"]),
     Row("hub dataset cached, offline", ["--data", HUB_ID]),
+    Row("hub dataset downloaded only, offline", ["--data", SNAPSHOT_ID]),
 ]
 
 
@@ -204,7 +214,8 @@ def test_wrong_data_format_names_the_format_found(results):
 def test_uncached_hub_dataset_offline_names_how_to_get_it(results):
     error = refused(results["hub dataset not cached, offline"])
     assert "someone/not-cached-here" in error and "HF_HUB_OFFLINE" in error
-    assert "load_dataset('someone/not-cached-here')" in error and "hf_home/datasets" in error
+    assert "hf download someone/not-cached-here --repo-type dataset" in error
+    assert "hf_home/datasets" in error and "hf_home/hub" in error
 
 
 def test_cached_hub_dataset_offline_trains_on_train_and_holds_out_validation(results):
@@ -213,3 +224,10 @@ def test_cached_hub_dataset_offline_trains_on_train_and_holds_out_validation(res
     assert (data["train"]["examples"], data["heldout"]["examples"]) == (8, 3)
     assert data["heldout_from"] == f"the 'validation' split of {HUB_ID}"
     assert "warning: no held-out" not in r["log"]
+
+
+def test_hub_dataset_only_downloaded_offline_trains_from_its_snapshot(results):
+    """What ``hf download --repo-type dataset`` leaves (no prepared Arrow cache) is read offline too."""
+    data = trained(results["hub dataset downloaded only, offline"])["data"]
+    assert (data["train"]["examples"], data["heldout"]["examples"]) == (7, 2)
+    assert data["heldout_from"] == f"the 'test' split of {SNAPSHOT_ID}"

@@ -35,7 +35,7 @@ class TrainConfig:
     data: str | None = field(
         default=None,
         metadata={"help": "training data (overrides task): a .jsonl/.json/.parquet/.csv file, a datasets "
-                          "save_to_disk folder or a Hub dataset ID in the HF cache"},  # fmt: skip
+                          "save_to_disk folder or a Hub dataset ID (offline: from the HF cache)"},  # fmt: skip
     )
     eval_data: str | None = field(default=None, metadata={"help": "held-out data for --data (same forms)"})
     val_size: float = field(

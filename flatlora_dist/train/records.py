@@ -7,8 +7,9 @@
 * a folder written by ``datasets`` ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` by split).
 * a folder of ``<split>.jsonl`` files.
 * a Hub dataset ID (``owner/name``) through ``datasets.load_dataset`` (``HF_HUB_OFFLINE`` honoured:
-  offline, ``datasets`` reads only the Arrow files an earlier ``load_dataset`` prepared in its cache,
-  ``HF_DATASETS_CACHE``, by default ``$HF_HOME/datasets``; not the hub snapshot in ``HF_HUB_CACHE``).
+  offline, ``datasets`` itself reads only the Arrow files an earlier ``load_dataset`` prepared in its
+  cache, ``HF_DATASETS_CACHE``; failing that, the newest snapshot ``hf download --repo-type dataset``
+  left in ``HF_HUB_CACHE`` is loaded as a folder of data files).
 
 Everything but JSON needs ``datasets`` (the ``trl`` extra); without it, one error names the install.
 Records come as :data:`~.formats.Row` ``(where, record)`` pairs in the source's order; ``where`` is
@@ -185,8 +186,21 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _hub_snapshot(name: str) -> str | None:
+    """The folder of ``name``'s newest snapshot in the hub cache (``HF_HUB_CACHE``: what ``hf download
+    --repo-type dataset`` leaves), or ``None``; never goes online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True)
+    except Exception:  # not cached (huggingface_hub raises its own LocalEntryNotFoundError and kin)
+        return None
+
+
 def open_dataset(name: str, kind: str):
-    """A ``save_to_disk`` folder or a Hub dataset ID as a ``Dataset`` or ``DatasetDict``."""
+    """A ``save_to_disk`` folder or a Hub dataset ID as a ``Dataset`` or ``DatasetDict``.  Offline, a Hub ID
+    is read from ``datasets``' prepared cache, else from its hub snapshot (loaded as a local folder of data
+    files, as ``load_dataset`` loads any folder)."""
     datasets = _quiet_datasets()
     if kind == "saved":
         try:
@@ -196,12 +210,25 @@ def open_dataset(name: str, kind: str):
     try:
         return datasets.load_dataset(name)
     except Exception as err:  # not found, offline, no access: one line with the way to get it
-        get = f"python -c \"import datasets; datasets.load_dataset('{name}')\" with network access"
-        if _offline():
-            raise DataError(f"{name}: no such file or folder, and not a dataset in the datasets cache "
-                            f"{datasets.config.HF_DATASETS_CACHE} (HF_HUB_OFFLINE is set; a hub download alone "
-                            f"is not enough); cache it first: {get}") from None  # fmt: skip
-        raise DataError(f"{name}: no such file or folder, and the Hub dataset cannot be loaded ({_cause(err)})") from None
+        if not _offline():
+            raise DataError(f"{name}: no such file or folder, and the Hub dataset cannot be loaded "
+                            f"({_cause(err)})") from None  # fmt: skip
+    snapshot = _hub_snapshot(name)
+    if snapshot is None:
+        raise DataError(f"{name}: no such file or folder, and not a dataset in the HF cache (HF_HUB_OFFLINE is "
+                        f"set; neither prepared in {datasets.config.HF_DATASETS_CACHE} nor downloaded to "
+                        f"{_hub_cache()}); get it first with network access: hf download {name} "
+                        "--repo-type dataset") from None  # fmt: skip
+    try:
+        return datasets.load_dataset(snapshot)
+    except Exception as err:
+        raise DataError(f"{name}: the cached snapshot {snapshot} cannot be read as a dataset ({_cause(err)})") from None
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def dataset_splits(name: str) -> tuple[str, ...] | None:
