@@ -90,6 +90,18 @@ def _type_error(where: str, what: str, expected: str, value: Any) -> DataError:
     return DataError(f"{where}: {what} must be {expected}, got {type(value).__name__}")
 
 
+def _turn(where: str, label: str, turn: Any, keys: tuple[str, str]) -> tuple[Any, Any]:
+    """The two ``keys`` of one conversation turn (``label``: e.g. ``messages[3]``), which must be an
+    object holding both."""
+    if not isinstance(turn, dict):
+        raise _type_error(where, label, "an object", turn)
+    missing = [k for k in keys if k not in turn]
+    if missing:
+        names = ", ".join(repr(k) for k in missing)
+        raise DataError(f"{where}: {label} missing required field(s) {names}")
+    return turn[keys[0]], turn[keys[1]]
+
+
 def parse_alpaca(where: str, rec: dict[str, Any]) -> tuple[str, str, str]:
     """``(instruction, input, output)`` of an alpaca record, validated (a missing or null input is '')."""
     _require(where, rec, ("instruction", "output"), "alpaca")
@@ -127,13 +139,7 @@ def parse_chat(where: str, rec: dict[str, Any]) -> list[dict[str, str]]:
     _require(where, rec, ("messages",), "chat")
     out = []
     for i, msg in enumerate(_message_list(where, rec, "messages")):
-        if not isinstance(msg, dict):
-            raise _type_error(where, f"messages[{i}]", "an object", msg)
-        missing = [k for k in ("role", "content") if k not in msg]
-        if missing:
-            names = ", ".join(repr(k) for k in missing)
-            raise DataError(f"{where}: messages[{i}] missing required field(s) {names}")
-        role, content = msg["role"], msg["content"]
+        role, content = _turn(where, f"messages[{i}]", msg, ("role", "content"))
         if role not in CHAT_ROLES:
             raise DataError(f"{where}: messages[{i}] has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
@@ -153,13 +159,7 @@ def parse_sharegpt(where: str, rec: dict[str, Any]) -> list[dict[str, str]]:
             raise _type_error(where, "field 'system'", "a string", system)
         out.append({"role": "system", "content": system})
     for i, turn in enumerate(_message_list(where, rec, "conversations")):
-        if not isinstance(turn, dict):
-            raise _type_error(where, f"conversations[{i}]", "an object", turn)
-        missing = [k for k in ("from", "value") if k not in turn]
-        if missing:
-            names = ", ".join(repr(k) for k in missing)
-            raise DataError(f"{where}: conversations[{i}] missing required field(s) {names}")
-        source, value = turn["from"], turn["value"]
+        source, value = _turn(where, f"conversations[{i}]", turn, ("from", "value"))
         if not isinstance(source, str) or source not in SHAREGPT_ROLES:
             raise DataError(f"{where}: conversations[{i}] is from {source!r}; expected one of "
                             f"{', '.join(SHAREGPT_ROLES)}")  # fmt: skip
