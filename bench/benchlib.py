@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +75,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
-    """Environment of one CPU rank: gloo rendezvous on loopback, one thread, the repository first on
-    ``PYTHONPATH``."""
+def worker_env(rank: int, world: int, port: int, paths: Sequence[Path] = (ROOT,)) -> dict[str, str]:
+    """Environment of one CPU rank: gloo rendezvous on loopback, one thread, ``paths`` (the repository)
+    first on ``PYTHONPATH``."""
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))  # fmt: skip
     return env
 
 
@@ -96,12 +96,14 @@ def ds_env(rank: int, world: int, port: int) -> dict[str, str]:
 
 
 def launch(script: str | Path, world: int, args: dict[str, Any], *,
-           env: Callable[[int, int, int], dict[str, str]] = worker_env, timeout: float = 600) -> list[dict[str, Any]]:  # fmt: skip
+           env: Callable[[int, int, int], dict[str, str]] = worker_env, prefix: str = "flatlora_bench_",
+           timeout: float = 600) -> list[dict[str, Any]]:  # fmt: skip
     """Run ``script`` as ``world`` ranks (``python script '<json args>' <out dir>``, environment
-    ``env(rank, world, port)``); each rank writes ``<out>/rank<r>.json``; return them by rank.  Raises
-    ``RuntimeError`` with the failed ranks and every rank's output tail when any rank fails or times out."""
+    ``env(rank, world, port)``); each rank writes ``<out>/rank<r>.json`` in a temporary folder named
+    ``prefix...``; return them by rank.  Raises ``RuntimeError`` with the failed ranks and every rank's
+    output tail when any rank fails or times out.  The tests' multi-rank runs use this launcher too."""
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="flatlora_bench_") as out:
+    with tempfile.TemporaryDirectory(prefix=prefix) as out:
         procs, logs = [], []
         for r in range(world):
             log = open(Path(out) / f"log{r}.txt", "w+")  # noqa: SIM115 - closed below

@@ -1,8 +1,8 @@
-"""Multi-process launcher shared by ``ds_common`` and ``fsdp_common`` (and, through them, the benches).
+"""Multi-process launcher shared by ``ds_common`` and ``fsdp_common``.
 
-- ``free_port``: a free TCP port on loopback for the gloo rendezvous.
-- ``worker_env``: the environment of one CPU rank (rendezvous variables, one thread, ``PYTHONPATH``).
-- ``launch``: start ``world`` worker processes and collect the JSON each rank writes.
+- ``free_port``, ``worker_env`` (one CPU rank's environment: rendezvous variables, one thread,
+  ``PYTHONPATH``) and ``launch`` (``world`` worker processes, the JSON each rank writes): the benches'
+  own, from ``bench/benchlib.py``, so benches and tests share one launcher.
 - ``fork_launch``: the same with ``world`` processes forked from the caller (no interpreter start-up and
   no imports to redo: a few seconds instead of ~10 per rank on a loaded 2-core machine).
 """
@@ -12,83 +12,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env(rank: int, world: int, port: int, paths: Sequence[Path] = (ROOT,)) -> dict[str, str]:
-    """Environment of one CPU rank: gloo rendezvous on loopback, one thread, ``paths`` ahead on ``PYTHONPATH``."""
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
-    return env
-
-
-def launch(
-    script: str | Path,
-    world: int,
-    args: dict[str, Any],
-    *,
-    env: Callable[[int, int, int], dict[str, str]] = worker_env,
-    prefix: str = "flatlora_",
-    timeout: float = 600,
-) -> list[dict[str, Any]]:
-    """Run ``script`` as ``world`` ranks; each rank writes ``<out>/rank<r>.json``; return them by rank.
-
-    The script receives ``args`` as one JSON argument and the output folder as the second; ``env(rank,
-    world, port)`` gives each rank's environment.  Raises ``RuntimeError`` with the failed ranks, their
-    exit codes and every rank's output tail when any rank fails or times out.
-    """
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix=prefix) as out:
-        procs, logs = [], []
-        for r in range(world):
-            log = open(Path(out) / f"log{r}.txt", "w+")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [sys.executable, str(script), json.dumps(args), out]
-            procs.append(subprocess.Popen(cmd, env=env(r, world, port), stdout=log, stderr=subprocess.STDOUT))
-        failed = []
-        for r, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                rc = "timeout"
-            if rc != 0:
-                failed.append((r, rc))
-        tails = []
-        for r, log in enumerate(logs):
-            log.seek(0)
-            tails.append(f"--- rank {r} ---\n" + log.read()[-6000:])
-            log.close()
-        if failed:
-            raise RuntimeError(f"ranks failed {failed} for {args}:\n" + "\n".join(tails))
-        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
+from benchlib import free_port, launch, worker_env  # noqa: E402,F401 - re-exported for ds_common and fsdp_common
 
 
 def _forked_rank(fn: Callable[[dict[str, Any], str], None], args: dict[str, Any], out: str, env: dict[str, str]) -> None:
